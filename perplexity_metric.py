@@ -1,0 +1,276 @@
+"""Perplexity of language models: an `evaluate` metric over log-probabilities, or over texts.
+
+Layout: this file is the `evaluate` glue and the metric card; the math lives in
+`ppl_core.py`, the model runner in `ppl_runner.py`, model and corpus loading in
+`ppl_sources.py`, model-card writing in `ppl_card.py`. `evaluate.load` copies sibling
+files only when this file names them in a top-level relative import, which a plain
+`import perplexity_metric` cannot execute, so the real imports below pick the form that
+fits how the module was imported.
+"""
+
+import math
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+
+# evaluate.load scans this file's text for top-level relative imports and copies the files
+# they name next to it; its scanner skips only double-quoted docstrings, so these lines are
+# read by it and never executed by Python.
+_SIBLING_FILES_FOR_EVALUATE_LOAD = '''
+from .ppl_core import perplexity
+from .ppl_runner import score_texts
+from .ppl_sources import load_model
+from .ppl_card import update_model_card
+'''
+
+if __package__:  # loaded by evaluate.load, from its module cache
+    from .ppl_card import update_model_card
+    from .ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll, text_metrics
+    from .ppl_runner import score_texts
+    from .ppl_sources import load_model
+else:  # imported plainly: tests, app.py, the command line
+    from ppl_card import update_model_card
+    from ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll, text_metrics
+    from ppl_runner import score_texts
+    from ppl_sources import load_model
+
+__all__ = ["PerplexityMetric", "Perplexity", "perplexity", "score_texts", "load_model", "update_model_card"]
+
+_CITATION = """\
+@misc{perplexity_metric,
+  title  = {Perplexity metric for Hugging Face evaluate},
+  note   = {Token-weighted corpus perplexity with bootstrap interval; word and byte
+            perplexity as defined by lm-evaluation-harness (Gao et al., 2023)},
+  year   = {2026}
+}
+"""
+
+_DESCRIPTION = """\
+Perplexity is the exponential of the mean negative log-likelihood a language model gives
+the tokens of a text: `exp(sum NLL / number of scored tokens)`. Lower is better; a model
+that spreads its probability evenly over V tokens has perplexity V.
+
+Two configurations:
+- default: feed what your model produced. `predictions` are either full distributions
+  (`[seq_len, vocab_size]` logits or log-probabilities per example) or compact per-token
+  log-probabilities of the targets (`[seq_len]`); `references` are the target token ids.
+  Full distributions are reduced to the compact form before anything is cached.
+- "text": feed texts and a model (a Hub id, a local folder, a GGUF file or loaded
+  objects; by default the embedded SmolLM2-135M); long texts are scored in sliding windows.
+
+The headline `perplexity` is token-weighted over the whole corpus. `mean_perplexity` is
+the plain mean of per-example values, which is what evaluate's own "perplexity" metric
+calls its result: it weighs a two-token example like a thousand-token one.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args (default configuration):
+    predictions: per example, `[seq_len, vocab_size]` logits / log-probabilities, or
+        `[seq_len]` log-probabilities of the targets. A torch tensor or numpy array holding
+        a whole batch (`[batch, seq_len, vocab_size]` or `[batch, seq_len]`), or a list
+        of per-example tensors, arrays or nested lists (lengths may differ).
+    references: per example, `[seq_len]` integer target ids.
+    ignore_index (int, default -100, also settable in `evaluate.load`): targets equal to
+        it do not count (padding, prompt tokens).
+    bootstrap_resamples (int, default 1000): resamples for `perplexity_ci`.
+
+Args ("text" configuration):
+    predictions: list of texts.
+    model_id (str, optional): Hub id or local folder; the embedded default when absent.
+    model, tokenizer (optional): already loaded objects (never moved with `.to()`).
+    gguf_file (str, optional): GGUF file name inside `model_id`.
+    batch_size (int, default 16), add_start_token (bool, default True),
+    max_length (int, default: the model's context), stride (int, default max_length),
+    device (str, optional), dtype (str, optional), trust_remote_code (bool, default False).
+
+Returns:
+    perplexity: token-weighted corpus perplexity, exp(total NLL / total tokens).
+    nll: mean negative log-likelihood per token, in nats.
+    bits_per_token: nll / ln 2.
+    num_tokens: number of scored tokens.
+    perplexities: one per example (None for an example with no scored token).
+    mean_perplexity: plain mean of `perplexities` (evaluate's "perplexity" headline).
+    perplexity_ci: 95% percentile-bootstrap interval over examples, [low, high].
+    Text mode adds word_perplexity, byte_perplexity and bits_per_byte
+    (lm-evaluation-harness definitions).
+
+Examples:
+    Log-probabilities of log(1/4) everywhere give perplexity 4:
+
+    >>> import math, evaluate
+    >>> metric = evaluate.load("perplexity_metric.py")
+    >>> result = metric.compute(predictions=[[math.log(1 / 4)] * 3, [math.log(1 / 4)] * 5],
+    ...                         references=[[1, 2, 3], [0, 1, 2, 3, -100]])
+    >>> round(result["perplexity"], 6), result["num_tokens"]
+    (4.0, 7)
+
+    Full distributions; the seed example of torchmetrics' Perplexity:
+
+    >>> import torch
+    >>> preds = torch.rand(2, 8, 5, generator=torch.manual_seed(22))
+    >>> target = torch.randint(5, (2, 8), generator=torch.manual_seed(22))
+    >>> target[0, 6:] = -100
+    >>> round(metric.compute(predictions=preds, references=target)["perplexity"], 4)
+    5.2545
+"""
+
+_COMPACT_FEATURES = datasets.Features(
+    {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Sequence(datasets.Value("int64"))}
+)
+_TEXT_FEATURES = datasets.Features({"predictions": datasets.Value("string")})
+_BASE_INIT_ARGS = {
+    "keep_in_memory", "cache_dir", "num_process", "process_id", "seed", "experiment_id", "hash",
+    "max_concurrent_cache_files", "timeout",
+}
+
+
+def _as_tensor(value, name):
+    """A tensor view of a tensor, numpy array or nested list, without touching the caller's data."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return torch.from_numpy(value)
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"Expected `{name}` to be a tensor, array or (nested) list of numbers, but got {type(value).__name__}.") from None
+
+
+def _split_batch(values, name, batch_ndims):
+    """A batch as a list of per-example tensors: a stacked tensor/array is split along dim 0."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        tensor = _as_tensor(values, name)
+        if tensor.ndim not in batch_ndims:
+            raise ValueError(f"Expected `{name}` as a batch with {' or '.join(map(str, batch_ndims))} dimensions, but got {tensor.ndim}.")
+        return list(tensor)
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"Expected `{name}` to be a list, tensor or array, but got {type(values).__name__}.")
+    return [_as_tensor(v, f"{name}[{i}]") for i, v in enumerate(values)]
+
+
+def to_compact(predictions, references, ignore_index):
+    """Reduce a batch to per-example float64 target log-probs and int64 targets (numpy).
+
+    Full distributions go through the chunked core; nothing vocabulary-sized is kept.
+    """
+    preds = _split_batch(predictions, "predictions", (2, 3))
+    refs = _split_batch(references, "references", (1, 2))
+    if len(preds) != len(refs):
+        raise ValueError(f"Expected as many `predictions` as `references`, but got {len(preds)} and {len(refs)}.")
+    if not preds:
+        raise ValueError("Expected at least one example in `predictions`, but got none.")
+    out = []
+    for i, (pred, ref) in enumerate(zip(preds, refs)):
+        if ref.ndim != 1:
+            raise ValueError(f"Expected `references[{i}]` to have 1 dimension, [seq_len], but got {ref.ndim}.")
+        if pred.ndim not in (1, 2):
+            raise ValueError(
+                f"Expected `predictions[{i}]` to have 2 dimensions, [seq_len, vocab_size], or 1, [seq_len], but got {pred.ndim}."
+            )
+        if pred.shape[0] != ref.shape[0]:
+            raise ValueError(
+                f"Expected `predictions[{i}]` and `references[{i}]` to have the same length, but got {pred.shape[0]} and {ref.shape[0]}."
+            )
+        try:
+            if pred.ndim == 2:
+                logprobs = -target_nll(pred[None], ref[None], ignore_index)[0]
+            else:
+                check_compact_inputs(pred, ref, ignore_index)
+                logprobs = pred.double()
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"In example {i}: {err}") from None
+        out.append((logprobs.cpu().numpy(), ref.cpu().numpy().astype(np.int64)))
+    return out
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class PerplexityMetric(evaluate.Metric):
+    """Token-weighted perplexity over log-probabilities and targets, or over texts."""
+
+    def __init__(self, config_name=None, ignore_index=-100, bootstrap_resamples=1000, **kwargs):
+        unknown = sorted(set(kwargs) - _BASE_INIT_ARGS)
+        if unknown:
+            raise TypeError(
+                f"Unknown setting(s) {unknown} for the perplexity metric; it takes `ignore_index` and `bootstrap_resamples`."
+            )
+        if config_name not in (None, "default", "text"):
+            raise ValueError(f"Expected config_name 'default' or 'text', but got {config_name!r}.")
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise TypeError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
+        super().__init__(config_name=config_name or "default", **kwargs)
+        self.ignore_index = ignore_index
+        self.bootstrap_resamples = bootstrap_resamples
+
+    @property
+    def text_mode(self):
+        return self.config_name == "text"
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=_TEXT_FEATURES if self.config_name == "text" else _COMPACT_FEATURES,
+            reference_urls=["https://huggingface.co/docs/transformers/perplexity"],
+        )
+
+    # Full distributions are reduced before evaluate encodes anything into Arrow.
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch of examples (full distributions are reduced to target log-probs first).
+"""
+        if self.text_mode:
+            return super().add_batch(predictions=predictions, **kwargs)
+        examples = to_compact(predictions, references, kwargs.pop("ignore_index", self.ignore_index))
+        return super().add_batch(
+            predictions=[lp.tolist() for lp, _ in examples], references=[r.tolist() for _, r in examples], **kwargs
+        )
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one example (a full distribution is reduced to target log-probs first).
+"""
+        if self.text_mode:
+            return super().add(prediction=prediction, **kwargs)
+        ((logprobs, ref),) = to_compact([prediction], [reference], self.ignore_index)
+        return super().add(prediction=logprobs.tolist(), reference=ref.tolist(), **kwargs)
+
+    def compute(self, *, predictions=None, references=None, **kwargs):
+        """Compute the metric over everything added (plus `predictions`/`references` if given).
+"""
+        if not self.text_mode and (predictions is not None or references is not None):
+            self.add_batch(predictions=predictions, references=references, ignore_index=kwargs.get("ignore_index", self.ignore_index))
+            predictions = references = None
+        if self.text_mode:
+            return super().compute(predictions=predictions, **kwargs)
+        return super().compute(predictions=predictions, references=references, **kwargs)
+
+    def _compute(self, predictions, references=None, ignore_index="default", bootstrap_resamples=None, **text_kwargs):
+        resamples = self.bootstrap_resamples if bootstrap_resamples is None else bootstrap_resamples
+        if self.text_mode:
+            return self._compute_texts(predictions, resamples, **text_kwargs)
+        if text_kwargs:
+            raise TypeError(f"Unknown argument(s) {sorted(text_kwargs)} for compute(); model arguments need the 'text' configuration.")
+        ignore_index = self.ignore_index if ignore_index == "default" else ignore_index
+        nll_sums, counts = [], []
+        for logprobs, ref in zip(predictions, references):
+            ref = np.asarray(ref, dtype=np.int64)
+            mask = ref != ignore_index if ignore_index is not None else np.ones(len(ref), dtype=bool)
+            nll_sums.append(-math.fsum(np.asarray(logprobs, dtype=np.float64)[mask]))
+            counts.append(int(mask.sum()))
+        return summarize(nll_sums, counts, bootstrap_resamples=resamples)
+
+    def _compute_texts(self, texts, resamples, model_id=None, model=None, tokenizer=None, gguf_file=None,
+                       device=None, dtype=None, trust_remote_code=False, **runner_kwargs):
+        if model is None:
+            model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        elif tokenizer is None:
+            raise ValueError("Expected a `tokenizer` together with `model`.")
+        nll_sums, counts = [], []
+        for batch in score_texts(model, tokenizer, texts, **runner_kwargs):
+            for logprobs in batch["predictions"]:
+                nll_sums.append(-math.fsum(logprobs))
+                counts.append(len(logprobs))
+        result = summarize(nll_sums, counts, bootstrap_resamples=resamples)
+        result.update(text_metrics(math.fsum(nll_sums), texts))
+        return result

@@ -1,0 +1,93 @@
+"""Write perplexity results into a model card's `model-index` metadata, offline.
+
+Uses `huggingface_hub`'s ModelCard / EvalResult, the same metadata that
+`evaluate.push_to_hub` and `huggingface_hub.metadata_update` write online.
+"""
+
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+# result key -> (metric type, readable name); the keys the metric returns that make sense in a card
+_CARD_METRICS = {
+    "perplexity": ("perplexity", "Perplexity"),
+    "word_perplexity": ("word_perplexity", "Word perplexity"),
+    "byte_perplexity": ("byte_perplexity", "Byte perplexity"),
+    "bits_per_byte": ("bits_per_byte", "Bits per byte"),
+}
+
+
+def _same_entry(a, b):
+    keys = ("task_type", "dataset_type", "dataset_name", "dataset_config", "dataset_split", "metric_type")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def update_model_card(
+    path,
+    results,
+    *,
+    model_name,
+    dataset_type,
+    dataset_name,
+    dataset_split=None,
+    dataset_config=None,
+    task_type="text-generation",
+    metrics=None,
+):
+    """Record perplexity results in the model card at `path` (a README.md or its folder).
+
+    Creates the card if it is missing; keeps its other metadata and its text; replaces an
+    existing entry for the same model task, data set (type, name, config, split) and
+    metric instead of adding a duplicate.
+
+    Args:
+        path: the card file, or a folder (its README.md).
+        results: the metric's result dict (`perplexity`, optionally `word_perplexity`, ...).
+        model_name: the model-index name.
+        dataset_type, dataset_name, dataset_split, dataset_config: which data set was scored.
+        metrics: which result keys to record (default: those of `perplexity`,
+            `word_perplexity`, `byte_perplexity`, `bits_per_byte` present in `results`).
+
+    Returns:
+        The path of the card written.
+
+    Raises:
+        ValueError: no recordable metric in `results`, or a non-finite value.
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() != ".md":
+        path = path / "README.md"
+    keys = metrics or [k for k in _CARD_METRICS if k in results]
+    if not keys:
+        raise ValueError(f"Expected `results` to hold one of {sorted(_CARD_METRICS)}, but got keys {sorted(results)}.")
+    new = []
+    for key in keys:
+        if key not in _CARD_METRICS or key not in results:
+            raise ValueError(f"Expected `metrics` among the keys of `results` and {sorted(_CARD_METRICS)}, but got {key!r}.")
+        value = float(results[key])
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"Expected a finite `results[{key!r}]`, but got {value}.")
+        metric_type, metric_name = _CARD_METRICS[key]
+        new.append(
+            EvalResult(
+                task_type=task_type,
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_config=dataset_config,
+                dataset_split=dataset_split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=value,
+            )
+        )
+    if path.is_file():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(f"---\n---\n\n# {model_name}\n")
+    data = card.data
+    kept = [old for old in (data.eval_results or []) if not any(_same_entry(old, n) for n in new)]
+    data.eval_results = kept + new
+    data.model_name = model_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    card.save(path)
+    return path

