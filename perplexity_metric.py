@@ -27,16 +27,16 @@ from .ppl_card import update_model_card
 
 if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_card import update_model_card
-    from .ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll, text_metrics
-    from .ppl_runner import score_texts
+    from .ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll
+    from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
 else:  # imported plainly: tests, app.py, the command line
     from ppl_card import update_model_card
-    from ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll, text_metrics
-    from ppl_runner import score_texts
+    from ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll
+    from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
 
-__all__ = ["PerplexityMetric", "Perplexity", "perplexity", "score_texts", "load_model", "update_model_card"]
+__all__ = ["PerplexityMetric", "Perplexity", "perplexity", "score_texts", "evaluate_texts", "load_model", "update_model_card"]
 
 _CITATION = """\
 @misc{perplexity_metric,
@@ -266,11 +266,4 @@ class PerplexityMetric(evaluate.Metric):
             model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         elif tokenizer is None:
             raise ValueError("Expected a `tokenizer` together with `model`.")
-        nll_sums, counts = [], []
-        for batch in score_texts(model, tokenizer, texts, **runner_kwargs):
-            for logprobs in batch["predictions"]:
-                nll_sums.append(-math.fsum(logprobs))
-                counts.append(len(logprobs))
-        result = summarize(nll_sums, counts, bootstrap_resamples=resamples)
-        result.update(text_metrics(math.fsum(nll_sums), texts))
-        return result
+        return evaluate_texts(model, tokenizer, texts, bootstrap_resamples=resamples, **runner_kwargs)

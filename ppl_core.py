@@ -114,6 +114,7 @@ def scored_mask(target, ignore_index=None):
     return target != ignore_index
 
 
+@torch.inference_mode()  # grad and inference modes are thread-local: set them in each worker
 def _nll_rows(logits, target, out, start, stop, rows_per_call):
     for lo in range(start, stop, rows_per_call):
         hi = min(lo + rows_per_call, stop)

@@ -9,14 +9,15 @@ memory is bounded by one batch; results are reassembled per text, in input order
 
 import inspect
 import itertools
+import math
 
 import torch
 from tqdm.auto import tqdm
 
 if __package__:
-    from .ppl_core import target_nll
+    from .ppl_core import summarize, target_nll, text_metrics
 else:
-    from ppl_core import target_nll
+    from ppl_core import summarize, target_nll, text_metrics
 
 TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
 
@@ -232,3 +233,24 @@ def _score_chunk(model, sequences, max_length, stride, batch_size, max_batch_tok
         "predictions": [torch.cat(parts).tolist() for parts in per_text],
         "references": [seq[1:] for seq in sequences],
     }
+
+
+def evaluate_texts(model, tokenizer, texts, *, bootstrap_resamples=1000, **runner_kwargs):
+    """The metric's text-mode result for `texts`: `score_texts` pooled by the core.
+
+    Returns the core's keys (`perplexity`, `nll`, `bits_per_token`, `num_tokens`,
+    `perplexities`, `mean_perplexity`, `perplexity_ci`) plus lm-evaluation-harness's
+    `word_perplexity`, `byte_perplexity`, `bits_per_byte` and `num_documents`.
+    """
+    texts = list(texts) if not isinstance(texts, str) else texts
+    nll_sums, counts = [], []
+    for batch in score_texts(model, tokenizer, texts, **runner_kwargs):
+        for logprobs in batch["predictions"]:
+            nll_sums.append(-math.fsum(logprobs))
+            counts.append(len(logprobs))
+    if not nll_sums:
+        raise ValueError("Expected at least one text in `texts`, but got none.")
+    result = summarize(nll_sums, counts, bootstrap_resamples=bootstrap_resamples)
+    result.update(text_metrics(math.fsum(nll_sums), texts))
+    result["num_documents"] = len(texts)
+    return result

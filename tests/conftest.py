@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random GPT-2 with a small BPE tokenizer (built offline in about a
+second), the real embedded SmolLM2-135M, and WikiText-2 where ../shared has it."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE of 1000 tokens trained on the standard library's docs; '<|endoftext|>' is
+    id 0 and serves as BOS and EOS; no pad token (the runner must cope)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ppl_sources import default_corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(default_corpus()[:20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def build_tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=1000, n_positions=256, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): random 2-layer GPT-2, context 256, vocab 1000."""
+    return build_tiny_gpt2(), build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """(model, tokenizer): the real embedded SmolLM2-135M (converted once, then cached)."""
+    from ppl_sources import load_model
+
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def wikitext_paragraphs():
+    if not WIKITEXT.is_file():
+        pytest.skip("../shared/data/wikitext-2 is absent (it is not part of the repository)")
+    from ppl_sources import split_paragraphs
+
+    return split_paragraphs(WIKITEXT.read_text(encoding="utf-8"))

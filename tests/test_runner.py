@@ -1,0 +1,256 @@
+"""The model runner against independent references: a plain one-window-at-a-time loop in
+float64, lm-evaluation-harness's rolling-window algorithm, and the window plan read by eye."""
+
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ppl_runner
+from ppl_runner import evaluate_texts, plan_windows, score_texts
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "A much longer text about the Python language, its syntax, its standard library, and the many modules "
+    "that ship with it, written to be longer than one window of the model. " * 3,
+    "x",
+    "Numbers: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10.",
+    "Short.",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Window plan: a pure function of token counts
+# ---------------------------------------------------------------------------------------
+
+
+def test_plan_windows_gold():
+    # 34 tokens, windows of 10 advancing by 10: the last one reaches back to full length.
+    assert plan_windows(34, max_length=10, stride=10) == [(0, 10, 10), (10, 20, 10), (20, 30, 10), (23, 33, 3)]
+    # advancing by 4 keeps at least 6 tokens of context for every scored token
+    assert plan_windows(20, max_length=10, stride=4) == [(0, 10, 10), (4, 14, 4), (8, 18, 4), (9, 19, 1)]
+    assert plan_windows(5, max_length=10, stride=10) == [(0, 4, 4)]
+    assert plan_windows(1, max_length=10, stride=10) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 40), st.data())
+def test_plan_windows_scores_every_target_once(num_tokens, max_length, data):
+    stride = data.draw(st.integers(1, max_length))
+    scored = []
+    for start, stop, num_scored in plan_windows(num_tokens, max_length, stride):
+        assert 0 <= start < stop <= num_tokens - 1 and stop - start <= max_length
+        targets = list(range(stop - num_scored + 1, stop + 1))  # positions of the scored targets
+        first_context = targets[0] - start  # tokens the first scored target sees
+        assert first_context >= min(targets[0], max_length - stride)
+        scored += targets
+    assert scored == list(range(1, num_tokens))
+
+
+def lm_eval_rolling_windows(tokens, prefix_token, max_seq_len):
+    """lm-evaluation-harness's get_rolling_token_windows (context_len=1) + make_disjoint_window,
+    written from its documented algorithm: yields (context, continuation) token lists."""
+    pred_len, predicted = max_seq_len, 0
+    first = min(max_seq_len, len(tokens))
+    windows = [([prefix_token] + tokens[: first - 1], tokens[:first])]
+    predicted += first
+    while predicted < len(tokens):
+        window_pred_len = min(len(tokens) - predicted, pred_len)
+        end = predicted + window_pred_len
+        windows.append((tokens[end - max_seq_len - 1 : end - 1], tokens[end - window_pred_len : end]))
+        predicted += window_pred_len
+    # disjoint: drop from the context what the continuation already supplies
+    return [(ctx[: len(ctx) - (len(cont) - 1)], cont) for ctx, cont in windows]
+
+
+@pytest.mark.parametrize("num_tokens,max_length", [(34, 10), (10, 10), (11, 10), (3, 8), (100, 7)])
+def test_plan_matches_lm_eval_rolling_windows(num_tokens, max_length):
+    tokens = list(range(1, num_tokens))  # the text's tokens; 0 is the prefix (start) token
+    seq = [0] + tokens
+    ours = [
+        (seq[start : stop - num_scored + 1], seq[stop - num_scored + 1 : stop + 1])
+        for start, stop, num_scored in plan_windows(len(seq), max_length, max_length)
+    ]
+    assert ours == lm_eval_rolling_windows(tokens, 0, max_length)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: one window at a time, no padding, float64 log-softmax over the full logits
+# ---------------------------------------------------------------------------------------
+
+
+def reference_logprobs(model, tokenizer, text, *, max_length, stride, add_start_token=True):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    seq = ([tokenizer.bos_token_id] if add_start_token else []) + ids
+    out = []
+    for start, stop, num_scored in plan_windows(len(seq), max_length, stride):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq[start:stop]])).logits[0].double()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(seq[start + 1 : stop + 1])
+        out += logprobs.gather(-1, targets[:, None])[:, 0][-num_scored:].tolist()
+    return out
+
+
+def collect(batches):
+    preds, refs = [], []
+    for batch in batches:
+        assert set(batch) == {"predictions", "references"}
+        preds += batch["predictions"]
+        refs += batch["references"]
+    return preds, refs
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("add_start_token", [True, False])
+def test_runner_matches_reference_loop(tiny, batch_size, padding_side, add_start_token):
+    model, tokenizer = tiny
+    texts = [t for t in TEXTS if add_start_token or len(tokenizer(t)["input_ids"]) > 1]
+    preds, refs = collect(
+        score_texts(model, tokenizer, texts, batch_size=batch_size, max_length=24, stride=16,
+                    padding_side=padding_side, add_start_token=add_start_token, progress=False)
+    )
+    assert len(preds) == len(texts)
+    for text, logprobs, targets in zip(texts, preds, refs):
+        expected = reference_logprobs(model, tokenizer, text, max_length=24, stride=16, add_start_token=add_start_token)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert targets == (ids if add_start_token else ids[1:])
+        assert len(logprobs) == len(expected)
+        assert math.exp(-sum(logprobs) / len(logprobs)) == pytest.approx(math.exp(-sum(expected) / len(expected)), rel=1e-4)
+        assert logprobs == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_runner_streams_in_chunks_and_keeps_order(tiny, monkeypatch):
+    model, tokenizer = tiny
+    whole = collect(score_texts(model, tokenizer, TEXTS, max_length=32, progress=False))
+    monkeypatch.setattr(ppl_runner, "TEXTS_PER_CHUNK", 2)
+    batches = list(score_texts(model, tokenizer, iter(TEXTS), max_length=32, progress=False))
+    assert len(batches) == 3
+    streamed = collect(batches)
+    assert streamed[1] == whole[1]
+    for a, b in zip(streamed[0], whole[0]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_token_budget_does_not_change_results(tiny):
+    model, tokenizer = tiny
+    small = collect(score_texts(model, tokenizer, TEXTS, max_length=32, max_batch_tokens=1, progress=False))
+    large = collect(score_texts(model, tokenizer, TEXTS, max_length=32, max_batch_tokens=10_000, progress=False))
+    for a, b in zip(small[0], large[0]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_runner_leaves_model_and_inputs_alone(tiny):
+    model, tokenizer = tiny
+    texts = list(TEXTS)
+    model.train()
+    try:
+        list(score_texts(model, tokenizer, texts, max_length=32, progress=False))
+        assert model.training  # mode restored
+    finally:
+        model.eval()
+    assert texts == TEXTS
+
+
+def test_start_token_falls_back_to_eos(tiny):
+    model, tokenizer = tiny
+    tok = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    assert tok.bos_token_id is None and tok.eos_token_id == 0
+    a = collect(score_texts(model, tok, TEXTS[:2], max_length=32, progress=False))
+    b = collect(score_texts(model, tokenizer, TEXTS[:2], max_length=32, progress=False))
+    assert a == b
+
+
+# ---------------------------------------------------------------------------------------
+# lm-evaluation-harness parity: word / byte perplexity and bits per byte
+# ---------------------------------------------------------------------------------------
+
+
+def lm_eval_metrics(model, tokenizer, docs, max_length):
+    """loglikelihood_rolling per document, then lm-eval's pooled word/byte metrics."""
+    total_ll, words, num_bytes = 0.0, 0, 0
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id  # lm-eval's prefix_token_id
+    for doc in docs:
+        tokens = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        for context, continuation in lm_eval_rolling_windows(tokens, prefix, max_length):
+            inp = torch.tensor([(context + continuation)[:-1]])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(inp).logits[0].double(), dim=-1)[-len(continuation):]
+            total_ll += logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
+        words += len(re.split(r"\s+", doc))
+        num_bytes += len(doc.encode("utf-8"))
+    return {
+        "word_perplexity": math.exp(-total_ll / words),
+        "byte_perplexity": math.exp(-total_ll / num_bytes),
+        "bits_per_byte": -total_ll / (num_bytes * math.log(2)),
+    }
+
+
+def test_lm_eval_parity_tiny(tiny):
+    model, tokenizer = tiny
+    expected = lm_eval_metrics(model, tokenizer, TEXTS, max_length=16)
+    result = evaluate_texts(model, tokenizer, TEXTS, max_length=16, batch_size=4, progress=False)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_lm_eval_parity_real_model(smol):
+    model, tokenizer = smol
+    docs = ["Perplexity measures how well a language model predicts a text.", TEXTS[1]]
+    expected = lm_eval_metrics(model, tokenizer, docs, max_length=48)
+    result = evaluate_texts(model, tokenizer, docs, max_length=48, batch_size=8, progress=False)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_real_model_matches_reference_loop(smol):
+    model, tokenizer = smol
+    texts = ["The capital of France is Paris.", TEXTS[1], "def add(a, b):\n    return a + b\n"]
+    preds, _ = collect(score_texts(model, tokenizer, texts, batch_size=16, max_length=40, stride=24,
+                                   padding_side="left", progress=False))
+    for text, logprobs in zip(texts, preds):
+        expected = reference_logprobs(model, tokenizer, text, max_length=40, stride=24)
+        assert math.exp(-sum(logprobs) / len(logprobs)) == pytest.approx(math.exp(-sum(expected) / len(expected)), rel=1e-4)
+    # an ordinary English sentence is not random to a real model
+    assert math.exp(-sum(preds[0]) / len(preds[0])) < 200
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,texts,error,match",
+    [
+        ({"stride": 40, "max_length": 32}, TEXTS, ValueError, "stride"),
+        ({"stride": 0, "max_length": 32}, TEXTS, ValueError, "stride"),
+        ({"max_length": 10_000}, TEXTS, ValueError, "max_length.*context"),
+        ({"max_length": 0}, TEXTS, ValueError, "max_length"),
+        ({"batch_size": 0}, TEXTS, ValueError, "batch_size"),
+        ({"padding_side": "middle"}, TEXTS, ValueError, "padding_side"),
+        ({}, ["fine", ""], ValueError, r"texts\[1\]"),
+        ({}, ["fine", 3], TypeError, r"texts\[1\]"),
+        ({}, "a single string", TypeError, "list of strings"),
+        ({"add_start_token": False}, ["x"], ValueError, r"texts\[0\].*no start token"),
+    ],
+)
+def test_runner_rejects_bad_input(tiny, kwargs, texts, error, match):
+    model, tokenizer = tiny
+    with pytest.raises(error, match=match):
+        list(score_texts(model, tokenizer, texts, progress=False, **kwargs))
+
+
+def test_tokenizer_without_start_token(tiny):
+    model, tokenizer = tiny
+    bare = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer)
+    with pytest.raises(ValueError, match="add_start_token=False"):
+        list(score_texts(model, bare, TEXTS, progress=False))
+    preds, _ = collect(score_texts(model, bare, TEXTS[:2], add_start_token=False, max_length=32, progress=False))
+    assert len(preds[0]) == len(bare(TEXTS[0])["input_ids"]) - 1
