@@ -179,8 +179,9 @@ def to_compact(predictions, references, ignore_index):
             else:
                 check_compact_inputs(pred, ref, ignore_index)
                 logprobs = pred.double()
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"In example {i}: {err}") from None
+        except (TypeError, ValueError) as err:  # name the metric's arguments, not the core's
+            message = str(err).replace("`preds`", f"`predictions[{i}]`").replace("`target`", f"`references[{i}]`")
+            raise type(err)(f"In example {i}: {message.replace('[batch 0, position', '[position')}") from None
         out.append((logprobs.cpu().numpy(), ref.cpu().numpy().astype(np.int64)))
     return out
 
@@ -256,6 +257,11 @@ class PerplexityMetric(evaluate.Metric):
         for logprobs, ref in zip(predictions, references):
             ref = np.asarray(ref, dtype=np.int64)
             mask = ref != ignore_index if ignore_index is not None else np.ones(len(ref), dtype=bool)
+            if (ref[mask] < 0).any():  # padding stored under another ignore_index must not count
+                raise ValueError(
+                    f"Expected `references` ids >= 0 or equal to ignore_index={ignore_index}, but got "
+                    f"{int(ref[mask].min())}; pass compute() the ignore_index the data was added with."
+                )
             nll_sums.append(-math.fsum(np.asarray(logprobs, dtype=np.float64)[mask]))
             counts.append(int(mask.sum()))
         return summarize(nll_sums, counts, bootstrap_resamples=resamples)

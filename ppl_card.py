@@ -83,7 +83,7 @@ def update_model_card(
     if path.is_file():
         card = ModelCard.load(path)
     else:
-        card = ModelCard(f"---\n---\n\n# {model_name}\n")
+        card = ModelCard(f"---\n{{}}\n---\n\n# {model_name}\n")  # "{}": an empty metadata block that parses
     data = card.data
     kept = [old for old in (data.eval_results or []) if not any(_same_entry(old, n) for n in new)]
     data.eval_results = kept + new

@@ -120,8 +120,21 @@ def _nll_rows(logits, target, out, start, stop, rows_per_call):
         hi = min(lo + rows_per_call, stop)
         # log-softmax fused into cross_entropy, in float32 at least: no softmax-then-log underflow.
         out[lo:hi] = F.cross_entropy(
-            logits[lo:hi].float(), target[lo:hi], reduction="none", ignore_index=_INTERNAL_IGNORE
+            logits[lo:hi].to(out.dtype), target[lo:hi], reduction="none", ignore_index=_INTERNAL_IGNORE
         )
+
+
+def _nll_block(logits, target, out):
+    """NLL of each row of `logits [rows, vocab]` into `out`, a few rows per call on worker threads."""
+    rows_per_call = max(1, _ELEMENTS_PER_CALL // logits.shape[-1])
+    n_rows = logits.shape[0]
+    workers = 1 if logits.device.type != "cpu" else max(1, min(torch.get_num_threads(), n_rows // rows_per_call))
+    if workers == 1:
+        _nll_rows(logits, target, out, 0, n_rows, rows_per_call)
+    else:
+        bounds = [(n_rows * k // workers, n_rows * (k + 1) // workers) for k in range(workers)]
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda b: _nll_rows(logits, target, out, b[0], b[1], rows_per_call), bounds))
 
 
 def target_nll(preds, target, ignore_index=None):
@@ -140,19 +153,18 @@ def target_nll(preds, target, ignore_index=None):
     """
     check_full_inputs(preds, target, ignore_index)
     vocab = preds.shape[-1]
-    logits = preds.reshape(-1, vocab)  # a view when preds is contiguous
     mask = scored_mask(target, ignore_index).reshape(-1)
     flat_target = torch.where(mask, target.reshape(-1), _INTERNAL_IGNORE).to(device=preds.device, dtype=torch.long)
-    out = torch.empty(logits.shape[0], dtype=torch.float32, device=preds.device)
-    rows_per_call = max(1, _ELEMENTS_PER_CALL // vocab)
-    n_rows = logits.shape[0]
-    workers = 1 if preds.device.type != "cpu" else max(1, min(torch.get_num_threads(), n_rows // rows_per_call))
-    if workers == 1:
-        _nll_rows(logits, flat_target, out, 0, n_rows, rows_per_call)
-    else:
-        bounds = [(n_rows * k // workers, n_rows * (k + 1) // workers) for k in range(workers)]
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda b: _nll_rows(logits, flat_target, out, b[0], b[1], rows_per_call), bounds))
+    # float64 stays float64; half types are computed in float32
+    out = torch.empty(target.numel(), dtype=torch.promote_types(preds.dtype, torch.float32), device=preds.device)
+    try:
+        blocks = [preds.view(-1, vocab)]  # one block of rows when batch and seq_len merge without a copy
+    except RuntimeError:
+        blocks = list(preds)  # e.g. the shifted logits[:, :-1]: a view per sequence, never a full copy
+    first = 0
+    for rows in blocks:
+        _nll_block(rows, flat_target[first : first + len(rows)], out[first : first + len(rows)])
+        first += len(rows)
     nll = out.double().view(target.shape)
     bad = ~torch.isfinite(nll) & mask.view(target.shape)
     if bad.any():
@@ -175,7 +187,15 @@ def pooled_perplexity(nll_sum, count):
     nll_sum, count = float(nll_sum), int(count)
     if count == 0:
         raise ValueError("No token was scored: every target equals `ignore_index` (or the input is empty).")
-    return math.exp(nll_sum / count)
+    return _exp(nll_sum / count)
+
+
+def _exp(mean_nll):
+    """exp that gives inf past float64's range (a mean NLL above ~709) instead of OverflowError."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
 
 
 def perplexity(preds, target, ignore_index=None):
@@ -276,7 +296,7 @@ def bootstrap_interval(nll_sums, counts, *, resamples=1000, seed=0, level=0.95):
         idx = rng.integers(0, n, size=(min(per_draw, resamples - start), n))
         tokens = counts[idx].sum(axis=1)
         nll = nll_sums[idx].sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             values.append(np.exp(nll[tokens > 0] / tokens[tokens > 0]))
     values = np.concatenate(values)
     tail = (1 - level) / 2 * 100
@@ -294,7 +314,7 @@ def summarize(nll_sums, counts, *, bootstrap_resamples=1000, seed=0):
     counts = [int(c) for c in counts]
     total_nll, total = math.fsum(nll_sums), sum(counts)
     ppl = pooled_perplexity(total_nll, total)
-    perplexities = [math.exp(s / c) if c else None for s, c in zip(nll_sums, counts)]
+    perplexities = [_exp(s / c) if c else None for s, c in zip(nll_sums, counts)]
     kept = [p for p in perplexities if p is not None]
     nll = total_nll / total
     return {

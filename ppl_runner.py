@@ -151,7 +151,8 @@ def score_texts(
         max_length: most input tokens per window (default and maximum: the model's context).
         stride: tokens a window advances (default `max_length`, i.e. disjoint windows).
         max_batch_tokens: most padded tokens per forward pass (default
-            `batch_size * min(max_length, 512)`), which bounds the logits' memory.
+            `batch_size * min(max_length, 256)`), which bounds the logits' memory
+            (tokens x vocab floats); a window longer than that still runs, alone.
         padding_side: "left" or "right" (default: the tokenizer's); results do not depend on it.
         progress: show a tqdm bar (on terminals) counting scored tokens.
 
@@ -172,7 +173,7 @@ def score_texts(
         raise ValueError(f"Expected `stride` to be an int in [1, max_length={max_length}], but got {stride!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
-    max_batch_tokens = max_batch_tokens or batch_size * min(max_length, 512)
+    max_batch_tokens = max_batch_tokens or batch_size * min(max_length, 256)
     padding_side = padding_side or getattr(tokenizer, "padding_side", "right")
     if padding_side not in ("left", "right"):
         raise ValueError(f"Expected `padding_side` 'left' or 'right', but got {padding_side!r}.")
@@ -248,6 +249,11 @@ def evaluate_texts(model, tokenizer, texts, *, bootstrap_resamples=1000, **runne
         for logprobs in batch["predictions"]:
             nll_sums.append(-math.fsum(logprobs))
             counts.append(len(logprobs))
+    return pool_texts(nll_sums, counts, texts, bootstrap_resamples=bootstrap_resamples)
+
+
+def pool_texts(nll_sums, counts, texts, *, bootstrap_resamples=1000):
+    """The metric's text-mode result from per-text NLL sums and scored-token counts."""
     if not nll_sums:
         raise ValueError("Expected at least one text in `texts`, but got none.")
     result = summarize(nll_sums, counts, bootstrap_resamples=bootstrap_resamples)

@@ -1,0 +1,411 @@
+"""The perplexity metric's Space: score a text with a language model, or run the metric on
+log-probabilities you already have. No math here: every number comes from the library
+(`ppl_runner.score_texts`, `ppl_core.summarize` / `text_metrics`, `PerplexityMetric`), so
+the text tab gives exactly what `evaluate.load("perplexity_metric.py", "text").compute(...)`
+gives for the same text, model and options.
+
+    python app.py              # serves on GRADIO_SERVER_NAME:GRADIO_SERVER_PORT (Gradio's defaults)
+
+Environment:
+    PERPLEXITY_APP_MODELS       comma-separated Hub ids offered besides the embedded default
+                                (the UI never loads a local path or an unlisted model)
+    PERPLEXITY_APP_MAX_CHARS    longest text scored, in characters (default 20000)
+    PERPLEXITY_APP_MAX_JSON_CHARS  longest log-probabilities JSON (default 2000000)
+    PERPLEXITY_APP_CONCURRENCY  requests computed at once (default 2); more wait in a queue
+    PERPLEXITY_APP_QUEUE_SIZE   requests that may wait (default 64)
+"""
+
+import json
+import math
+import os
+import re
+import threading
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from perplexity_metric import PerplexityMetric
+from ppl_runner import pool_texts, score_texts
+from ppl_sources import DEFAULT_MODEL, load_model
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MAX_CHARS = 20_000
+DEFAULT_MAX_JSON_CHARS = 2_000_000
+DEFAULT_CONCURRENCY = 2
+DEFAULT_QUEUE_SIZE = 64
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+# Per-token colours: the surprisal (NLL, nats) of each token, in four bands.
+SURPRISAL_BANDS = [(1.0, "< 1 nat"), (3.0, "1-3 nats"), (6.0, "3-6 nats"), (math.inf, ">= 6 nats")]
+SURPRISAL_COLOURS = {"< 1 nat": "#2e7d32", "1-3 nats": "#f9a825", "3-6 nats": "#ef6c00", ">= 6 nats": "#c62828"}
+
+EXAMPLE_TEXT = (
+    "Perplexity measures how well a language model predicts a text. It is the exponential of "
+    "the average negative log-likelihood of the tokens: a model that spreads its probability "
+    "evenly over a thousand tokens has a perplexity of a thousand, and a perfect model has a "
+    "perplexity of one."
+)
+EXAMPLE_LOGPROBS = """{
+  "predictions": [[-1.3863, -1.3863, -1.3863], [-0.6931, -2.0794, -1.3863, -0.1]],
+  "references": [[1, 2, 3], [0, 1, 2, -100]]
+}"""  # two examples; the last target of the second is padding
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+
+
+def _env_int(name, default):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"Expected ${name} to be a positive integer, but got {raw!r}.") from None
+    if value < 1:
+        raise ValueError(f"Expected ${name} to be a positive integer, but got {value}.")
+    return value
+
+
+def allowed_models(spec=None):
+    """Hub ids the UI may load besides the default, from `spec` or $PERPLEXITY_APP_MODELS.
+
+    Entries that are not Hub ids (`name` or `owner/name`) or that name a local path are
+    refused, so the UI can never be pointed at files on the server.
+    """
+    spec = os.environ.get("PERPLEXITY_APP_MODELS", "") if spec is None else spec
+    ids = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        if not _HUB_ID.match(entry) or ".." in entry or os.path.exists(entry):
+            raise ValueError(f"PERPLEXITY_APP_MODELS: {entry!r} is not a Hub model id (owner/name); local paths are not allowed.")
+        if entry not in ids:
+            ids.append(entry)
+    return ids
+
+
+def read_card(path=ROOT / "README.md"):
+    """The metric card's Markdown without its YAML front matter, or None if there is no card.
+
+    Relative image links (the card's screenshot) are dropped: the page cannot serve them.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    text = re.sub(r"\A---\s*\n.*?\n---\s*\n", "", text, count=1, flags=re.S)
+    text = re.sub(r"!\[[^\]]*\]\((?![a-z]+:)[^)]*\)\s*", "", text)
+    return text.strip() or None
+
+
+# ---------------------------------------------------------------------------------------
+# Models: the default is loaded once and shared; others only from the allow-list
+# ---------------------------------------------------------------------------------------
+
+
+class Models:
+    """The models a request may use: the default (shared) and the allow-listed Hub ids."""
+
+    def __init__(self, model=None, tokenizer=None, *, allowed=(), default_label=None):
+        if (model is None) != (tokenizer is None):
+            raise ValueError("Expected `model` and `tokenizer` together, or neither.")
+        self._default = (model, tokenizer) if model is not None else None
+        self.default_label = default_label or (f"{DEFAULT_MODEL} (embedded)" if model is None else _model_label(model))
+        self.allowed = list(allowed)
+        self._lock = threading.Lock()
+
+    @property
+    def choices(self):
+        return [self.default_label, *self.allowed]
+
+    def get(self, choice=None):
+        """(model, tokenizer) for a dropdown choice; gr.Error for anything not offered."""
+        if choice in (None, "", self.default_label):
+            with self._lock:
+                if self._default is None:
+                    self._default = load_model()
+            return self._default
+        if choice not in self.allowed or os.path.exists(choice):
+            offered = ", ".join(repr(c) for c in self.choices)
+            raise gr.Error(f"Model {choice!r} is not offered by this Space; choose one of {offered}.")
+        with self._lock:  # one load at a time; load_model caches what it loaded
+            try:
+                return load_model(choice)
+            except ValueError as err:
+                raise gr.Error(str(err)) from None
+
+
+def _model_label(model):
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    return f"{name} (default)"
+
+
+# ---------------------------------------------------------------------------------------
+# Per-request logic: plain functions, called by the UI and by tests
+# ---------------------------------------------------------------------------------------
+
+
+def _optional_int(value, name, zero_is_none=False):
+    """None for an empty field (or 0 where 0 means "the default"); the integer in it otherwise."""
+    if value is None or value == "" or (zero_is_none and value == 0):
+        return None
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise gr.Error(f"Expected `{name}` to be a whole number, but got {value!r}.")
+    return int(float(value))
+
+
+def check_text(text, max_chars):
+    if not isinstance(text, str) or not text.strip():
+        raise gr.Error("Enter a text to score (or upload a .txt file).")
+    if len(text) > max_chars:
+        raise gr.Error(
+            f"The text has {len(text)} characters; this Space scores at most {max_chars}. "
+            "Shorten it, or run the metric locally for long texts."
+        )
+
+
+def score_text(text, model, tokenizer, *, max_length=None, stride=None, add_start_token=True):
+    """Score one text: the metric's text-mode result plus the per-token view.
+
+    Returns:
+        (result, tokens): `result` is the dict `evaluate.load("perplexity_metric.py", "text")
+        .compute(predictions=[text], model=model, tokenizer=tokenizer, ...)` returns, and
+        `tokens` a list of `(piece, nll)` covering the text in order, `nll` None for an
+        unscored token (the first one without a start token).
+
+    Raises:
+        ValueError, TypeError: from the runner (bad options, a text with nothing to score).
+    """
+    (batch,) = score_texts(
+        model, tokenizer, [text], max_length=max_length, stride=stride, add_start_token=add_start_token, progress=False
+    )
+    logprobs = batch["predictions"][0]
+    result = _text_result(logprobs, text)
+    pieces = token_pieces(tokenizer, text)
+    nlls = [None] * (len(pieces) - len(logprobs)) + [-lp for lp in logprobs]
+    return result, list(zip(pieces, nlls))
+
+
+def _text_result(logprobs, text):
+    """The metric's text-mode result for one text from the runner's per-token log-probs."""
+    return pool_texts([-math.fsum(logprobs)], [len(logprobs)], [text])
+
+
+def token_pieces(tokenizer, text):
+    """The text cut at its token boundaries (one piece per token, as the runner tokenizes it).
+
+    With a fast tokenizer the pieces concatenate back to the text exactly (a token that only
+    completes a multi-byte character gets an empty piece); otherwise each token is decoded.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        pieces, previous = [], 0
+        for _, end in offsets:
+            end = max(end, previous)
+            pieces.append(text[previous:end])
+            previous = end
+        if pieces:
+            pieces[-1] += text[previous:]
+        return pieces
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def surprisal_band(nll):
+    if nll is None:
+        return None
+    return next(label for upper, label in SURPRISAL_BANDS if nll < upper)
+
+
+def highlighted_tokens(tokens):
+    """`gr.HighlightedText` value: each piece with its surprisal band."""
+    return [(piece, surprisal_band(nll)) for piece, nll in tokens]
+
+
+def nll_frame(tokens):
+    """`gr.LinePlot` data: the NLL of each scored token by its position in the text."""
+    rows = [(position, piece, nll) for position, (piece, nll) in enumerate(tokens, start=1) if nll is not None]
+    return pd.DataFrame(rows, columns=["position", "token", "nll"])
+
+
+def summary_markdown(result):
+    """The headline and the other units, as Markdown ("Perplexity 12.3456" first)."""
+    return (
+        f"### Perplexity {result['perplexity']:.4f}\n\n"
+        "| NLL (nats / token) | bits per token | bits per byte | tokens scored | word perplexity | byte perplexity |\n"
+        "|---|---|---|---|---|---|\n"
+        f"| {result['nll']:.4f} | {result['bits_per_token']:.4f} | {result['bits_per_byte']:.4f} | {result['num_tokens']} "
+        f"| {result['word_perplexity']:.4f} | {result['byte_perplexity']:.4f} |"
+    )
+
+
+def compute_text(models, text, choice=None, max_length=None, stride=None, add_start_token=True, *, max_chars=DEFAULT_MAX_CHARS):
+    """The text tab's handler: (summary Markdown, highlighted tokens, NLL plot data, result dict)."""
+    check_text(text, max_chars)
+    max_length = _optional_int(max_length, "max_length", zero_is_none=True)
+    stride = _optional_int(stride, "stride", zero_is_none=True)
+    model, tokenizer = models.get(choice)
+    try:
+        result, tokens = score_text(
+            text, model, tokenizer, max_length=max_length, stride=stride, add_start_token=bool(add_start_token)
+        )
+    except (ValueError, TypeError) as err:
+        raise gr.Error(str(err)) from None
+    return summary_markdown(result), highlighted_tokens(tokens), nll_frame(tokens), result
+
+
+def parse_logprobs(payload, max_chars=DEFAULT_MAX_JSON_CHARS):
+    """`{"predictions": [...], "references": [...]}` from JSON text (or an already parsed dict)."""
+    if isinstance(payload, str):
+        if len(payload) > max_chars:
+            raise gr.Error(f"The JSON has {len(payload)} characters; this Space takes at most {max_chars}.")
+        try:
+            payload = json.loads(payload)
+        except json.JSONDecodeError as err:
+            raise gr.Error(f"The input is not valid JSON: {err}.") from None
+    if not isinstance(payload, dict) or not {"predictions", "references"} <= set(payload):
+        raise gr.Error('Expected a JSON object {"predictions": [[log-probs of example 1], ...], "references": [[target ids of example 1], ...]}.')
+    return payload["predictions"], payload["references"]
+
+
+def compute_logprobs(payload, ignore_index=-100, *, max_chars=DEFAULT_MAX_JSON_CHARS):
+    """The log-probabilities tab's handler: (summary Markdown, the metric's result dict).
+
+    Runs the metric's default configuration on per-token log-probabilities (or full
+    distributions) and target ids; each request gets its own in-memory metric instance.
+    """
+    predictions, references = parse_logprobs(payload, max_chars)
+    ignore_index = _optional_int(ignore_index, "ignore_index")
+    try:
+        metric = PerplexityMetric(ignore_index=ignore_index, keep_in_memory=True)
+        result = metric.compute(predictions=predictions, references=references)
+    except (ValueError, TypeError) as err:
+        raise gr.Error(str(err)) from None
+    low, high = result["perplexity_ci"]
+    summary = (
+        f"### Perplexity {result['perplexity']:.4f}\n\n"
+        f"NLL {result['nll']:.4f} nats per token over {result['num_tokens']} tokens; "
+        f"95% bootstrap interval over examples [{low:.4f}, {high:.4f}]; "
+        f"mean of per-example perplexities {result['mean_perplexity']:.4f}."
+    )
+    return summary, result
+
+
+def read_upload(path, max_chars=DEFAULT_MAX_CHARS):
+    """The text of an uploaded UTF-8 file, for the text box."""
+    if not path:
+        return gr.skip()
+    path = Path(path)
+    if path.stat().st_size > 4 * max_chars:  # UTF-8 takes at most 4 bytes a character
+        raise gr.Error(f"The file is larger than this Space's limit of {max_chars} characters.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise gr.Error("The file is not UTF-8 text.") from None
+    check_text(text, max_chars)
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------
+
+
+def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_json_chars=None,
+               concurrency=None, queue_size=None, card=None):
+    """Build the Gradio app.
+
+    Args:
+        model, tokenizer: the default model (default: the embedded SmolLM2-135M, loaded now).
+        models: allow-listed Hub ids (default: $PERPLEXITY_APP_MODELS).
+        max_chars, max_json_chars, concurrency, queue_size: limits (default: the environment
+            variables in this module's docstring, else their defaults).
+        card: Markdown shown under "Metric card" (default: README.md without front matter).
+    """
+    label = None
+    if model is None and tokenizer is None:
+        model, tokenizer = load_model()
+        label = f"{DEFAULT_MODEL} (embedded)"
+    allowed = allowed_models() if models is None else allowed_models(",".join(models))
+    registry = Models(model, tokenizer, allowed=allowed, default_label=label)
+    max_chars = max_chars or _env_int("PERPLEXITY_APP_MAX_CHARS", DEFAULT_MAX_CHARS)
+    max_json_chars = max_json_chars or _env_int("PERPLEXITY_APP_MAX_JSON_CHARS", DEFAULT_MAX_JSON_CHARS)
+    concurrency = concurrency or _env_int("PERPLEXITY_APP_CONCURRENCY", DEFAULT_CONCURRENCY)
+    queue_size = queue_size or _env_int("PERPLEXITY_APP_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)
+    card = read_card() if card is None else card
+
+    def on_text(text, choice, max_length, stride, add_start_token):
+        return compute_text(registry, text, choice, max_length, stride, add_start_token, max_chars=max_chars)
+
+    def on_logprobs(payload, ignore_index):
+        return compute_logprobs(payload, ignore_index, max_chars=max_json_chars)
+
+    def on_upload(path):
+        return read_upload(path, max_chars)
+
+    with gr.Blocks(title="Perplexity") as demo:
+        gr.Markdown(
+            "# Perplexity\n"
+            "How well a language model predicts a text: `exp(mean negative log-likelihood per token)`; lower is better. "
+            "The numbers are those of the `perplexity_metric` evaluate module."
+        )
+        with gr.Tabs():
+            with gr.Tab("Text"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        text = gr.Textbox(
+                            value=EXAMPLE_TEXT, label="Text", lines=7, max_lines=20, placeholder="Paste a text to score", elem_id="text-input",
+                        )
+                        upload = gr.UploadButton("Upload a text file (.txt, .md)", file_types=[".txt", ".md"],
+                                                 type="filepath", size="sm", variant="secondary")
+                    with gr.Column(scale=2):
+                        choice = gr.Dropdown(registry.choices, value=registry.default_label, label="Model",
+                                             allow_custom_value=False)
+                        with gr.Row():
+                            max_length = gr.Number(value=0, precision=0, label="max_length",
+                                                   info="tokens per window; 0: the model's context")
+                            stride = gr.Number(value=0, precision=0, label="stride",
+                                               info="tokens a window advances; 0: max_length")
+                        add_start = gr.Checkbox(value=True, label="Start token (score the text's first token too)")
+                        button = gr.Button("Compute", variant="primary")
+                summary = gr.Markdown(label="Summary", elem_id="text-summary")
+                tokens = gr.HighlightedText(
+                    label="Tokens coloured by surprisal (negative log-likelihood)", color_map=SURPRISAL_COLOURS,
+                    show_legend=True, show_inline_category=False, elem_id="text-tokens",
+                )
+                plot = gr.LinePlot(x="position", y="nll", tooltip=["position", "token", "nll"], x_title="token position",
+                                   y_title="NLL (nats)", label="Negative log-likelihood along the text", height=260)
+                with gr.Accordion("Full result (the metric's dict)", open=False):
+                    text_result = gr.JSON(label="Result", show_label=False)
+            with gr.Tab("Log-probabilities"):
+                gr.Markdown(
+                    "Per-token log-probabilities of the targets (natural log) and the target ids, one list per example, "
+                    "run through the metric's default configuration. Full distributions (`[seq_len, vocab_size]` per "
+                    "example) work too. Targets equal to `ignore_index` do not count."
+                )
+                payload = gr.Code(value=EXAMPLE_LOGPROBS, language="json", label="predictions and references (JSON)",
+                                  lines=6, interactive=True)
+                ignore_index = gr.Number(value=-100, precision=0, label="ignore_index",
+                                         info="targets equal to it do not count (padding, prompt tokens)")
+                lp_button = gr.Button("Compute metric", variant="primary")
+                lp_summary = gr.Markdown(label="Summary", elem_id="logprobs-summary")
+                lp_result = gr.JSON(label="Result")
+            if card:
+                with gr.Tab("Metric card"):
+                    gr.Markdown(card)
+
+        button.click(on_text, [text, choice, max_length, stride, add_start], [summary, tokens, plot, text_result],
+                     api_name="compute_text")
+        upload.upload(on_upload, upload, text, api_name="read_file")
+        lp_button.click(on_logprobs, [payload, ignore_index], [lp_summary, lp_result], api_name="compute_logprobs")
+
+    demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+    return demo
+
+
+if __name__ == "__main__":
+    build_demo().launch()

@@ -1,0 +1,322 @@
+"""The Space (app.py): its plain request functions on the tiny model, a real Gradio server
+called through gradio_client (eight requests at once), `python app.py` itself, and a real
+browser (Debian's chromium through playwright) on the embedded SmolLM2-135M.
+
+Every number is checked against the metric's own text mode (or default configuration) on
+the same model and options: the app must not have math of its own."""
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import evaluate
+import gradio as gr
+import pytest
+
+import app
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+TEXT = "The quick brown fox jumps over the lazy dog. Café, déjà vu — 東京.\n\nA second paragraph follows here."
+OPTIONS = [{}, {"max_length": 8, "stride": 4}, {"add_start_token": False}]
+
+
+@pytest.fixture(scope="module")
+def text_metric():
+    return evaluate.load(str(ROOT / "perplexity_metric.py"), "text")
+
+
+@pytest.fixture(scope="module")
+def logprobs_metric():
+    return evaluate.load(str(ROOT / "perplexity_metric.py"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Plain functions, tiny model
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["default", "strided", "no-start-token"])
+def test_score_text_equals_metric_text_mode(tiny, text_metric, options):
+    model, tokenizer = tiny
+    result, tokens = app.score_text(TEXT, model, tokenizer, **options)
+    assert result == text_metric.compute(predictions=[TEXT], model=model, tokenizer=tokenizer, **options)
+    assert "".join(piece for piece, _ in tokens) == TEXT  # the per-token view covers the text exactly
+    scored = [nll for _, nll in tokens if nll is not None]
+    assert len(scored) == result["num_tokens"]
+    assert math.isclose(math.fsum(scored) / len(scored), result["nll"], rel_tol=1e-12)
+    assert (tokens[0][1] is None) == (options.get("add_start_token") is False)
+
+
+def test_compute_text_outputs(tiny, text_metric):
+    model, tokenizer = tiny
+    models = app.Models(model, tokenizer)
+    summary, highlighted, frame, result = app.compute_text(models, TEXT, models.default_label, 8.0, 4.0, True)
+    expected = text_metric.compute(predictions=[TEXT], model=model, tokenizer=tokenizer, max_length=8, stride=4)
+    assert result == expected
+    assert summary.startswith(f"### Perplexity {expected['perplexity']:.4f}\n")
+    assert f"| {expected['num_tokens']} |" in summary
+    assert "".join(piece for piece, _ in highlighted) == TEXT
+    assert {band for _, band in highlighted} <= set(app.SURPRISAL_COLOURS)
+    assert list(frame.columns) == ["position", "token", "nll"] and len(frame) == expected["num_tokens"]
+    # 0 in the number fields means "the default", as the page's empty fields arrive
+    assert app.compute_text(models, TEXT, None, 0, 0, True)[3] == text_metric.compute(
+        predictions=[TEXT], model=model, tokenizer=tokenizer
+    )
+
+
+def test_compute_text_refusals(tiny):
+    models = app.Models(*tiny)
+    with pytest.raises(gr.Error, match="has 31 characters; this Space scores at most 30"):
+        app.compute_text(models, "x" * 31, max_chars=30)
+    with pytest.raises(gr.Error, match="Enter a text"):
+        app.compute_text(models, "  \n")
+    with pytest.raises(gr.Error, match="whole number"):
+        app.compute_text(models, TEXT, None, 8.5)
+    with pytest.raises(gr.Error, match=r"stride.*\[1, max_length=8\]"):  # the runner's own message
+        app.compute_text(models, TEXT, None, 8, 9)
+
+
+def test_models_allow_list(tiny, tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(app, "load_model", lambda model_id=None, **kw: loaded.append(model_id) or tiny)
+    models = app.Models(*tiny, allowed=["owner/listed"])
+    assert models.get(None) is models.get(models.default_label)
+    for refused in ["owner/unlisted", str(tmp_path), "../owner/listed"]:
+        with pytest.raises(gr.Error, match="not offered by this Space"):
+            models.get(refused)
+    assert loaded == []  # nothing refused was ever loaded
+    assert models.get("owner/listed") == tiny and loaded == ["owner/listed"]
+
+    assert app.allowed_models(" a/b, c ,a/b,, ") == ["a/b", "c"]
+    monkeypatch.setenv("PERPLEXITY_APP_MODELS", "HuggingFaceTB/SmolLM2-360M")
+    assert app.allowed_models() == ["HuggingFaceTB/SmolLM2-360M"]
+    for bad in [str(tmp_path), "/etc", "../x", "a/b/c", "https://huggingface.co/gpt2"]:
+        with pytest.raises(ValueError, match="not a Hub model id"):
+            app.allowed_models(bad)
+
+
+def test_compute_logprobs_equals_metric(logprobs_metric):
+    payload = {"predictions": [[-1.5, -0.25, -3.0], [-0.5, -2.0, -1.0, -9.0]], "references": [[4, 5, 6], [1, 2, 3, -100]]}
+    summary, result = app.compute_logprobs(json.dumps(payload))
+    assert result == logprobs_metric.compute(**payload)
+    assert summary.startswith(f"### Perplexity {result['perplexity']:.4f}")
+    # ignore_index from the page's number field (a float), or empty: none, so -100 is a bad id
+    one = json.dumps({"predictions": [[-1.5, -0.25, -3.0]], "references": [[4, 5, 6]]})
+    assert app.compute_logprobs(one, 6.0)[1]["num_tokens"] == 2
+    assert app.compute_logprobs(one, None)[1]["num_tokens"] == 3
+    with pytest.raises(gr.Error, match="token ids >= 0"):
+        app.compute_logprobs(json.dumps(payload), None)
+    with pytest.raises(gr.Error, match="not valid JSON"):
+        app.compute_logprobs("{predictions: [")
+    with pytest.raises(gr.Error, match="Expected a JSON object"):
+        app.compute_logprobs('{"predictions": [[-1.0]]}')
+    with pytest.raises(gr.Error, match="log-probabilities <= 0"):  # the metric's own check
+        app.compute_logprobs('{"predictions": [[0.5]], "references": [[1]]}')
+    with pytest.raises(gr.Error, match="takes at most 10"):
+        app.compute_logprobs(json.dumps(payload), max_chars=10)
+
+
+def test_read_card_and_upload(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("---\ntitle: Perplexity\ntags:\n- evaluate\n---\n\n# Perplexity\n\n![the app](assets/app.png)\nText.\n")
+    assert app.read_card(card) == "# Perplexity\n\nText."
+    assert app.read_card(tmp_path / "missing.md") is None
+
+    upload = tmp_path / "text.txt"
+    upload.write_text("Grüße aus Köln.\n", encoding="utf-8")
+    assert app.read_upload(str(upload)) == "Grüße aus Köln.\n"
+    upload.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(gr.Error, match="not UTF-8"):
+        app.read_upload(str(upload))
+    upload.write_text("x" * 50)
+    with pytest.raises(gr.Error, match="at most 20"):
+        app.read_upload(str(upload), max_chars=20)
+
+
+# ---------------------------------------------------------------------------------------
+# A real Gradio server, tiny model, gradio_client
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny):
+    demo = app.build_demo(*tiny, models=["owner/listed"], max_chars=300, concurrency=2, card="# Card")
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def test_server_endpoints_are_named(tiny_server):
+    from gradio_client import Client
+
+    demo, url = tiny_server
+    api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {"/compute_text", "/compute_logprobs", "/read_file"}
+    assert api["unnamed_endpoints"] == {}
+    assert demo._queue.default_concurrency_limit == 2 and demo._queue.max_size == app.DEFAULT_QUEUE_SIZE
+
+
+def test_server_eight_concurrent_text_requests(tiny_server, tiny, text_metric, monkeypatch):
+    from gradio_client import Client
+
+    demo, url = tiny_server
+    model, tokenizer = tiny
+    running, peak, lock = [0], [0], threading.Lock()
+    score_text = app.score_text
+
+    def counted(*args, **kwargs):  # how many requests compute at once
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.05)
+            return score_text(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(app, "score_text", counted)
+    texts = [f"Request number {i}: {TEXT[: 20 + 9 * i]}" for i in range(8)]
+
+    def call(text):
+        return Client(url, verbose=False).predict(text, None, 0, 0, True, api_name="/compute_text")
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(call, texts))
+    for text, (summary, highlighted, _plot, result) in zip(texts, answers):
+        expected = text_metric.compute(predictions=[text], model=model, tokenizer=tokenizer)
+        assert result == expected
+        assert summary.startswith(f"### Perplexity {expected['perplexity']:.4f}")
+        assert "".join(item["token"] for item in highlighted) == text
+    assert 1 <= peak[0] <= 2  # the queue's concurrency limit holds
+
+
+def test_server_refusals_and_logprobs(tiny_server, logprobs_metric, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    _, url = tiny_server
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError, match="has 301 characters; this Space scores at most 300"):
+        client.predict("y" * 301, None, 0, 0, True, api_name="/compute_text")
+    with pytest.raises(AppError, match="owner/unlisted"):
+        client.predict("Some text.", "owner/unlisted", 0, 0, True, api_name="/compute_text")
+    with pytest.raises(AppError, match="Could not load model 'owner/listed'"):  # listed, but offline
+        client.predict("Some text.", "owner/listed", 0, 0, True, api_name="/compute_text")
+
+    payload = {"predictions": [[-1.25, -0.5], [-2.0, -0.75, -0.1]], "references": [[3, 4], [5, 6, -100]]}
+    summary, result = client.predict(json.dumps(payload), -100, api_name="/compute_logprobs")
+    assert result == logprobs_metric.compute(**payload)
+    assert summary.startswith(f"### Perplexity {result['perplexity']:.4f}")
+
+    upload = tmp_path / "upload.txt"
+    upload.write_text("Uploaded text, ünïcode.", encoding="utf-8")
+    assert client.predict(handle_file(str(upload)), api_name="/read_file") == "Uploaded text, ünïcode."
+
+
+# ---------------------------------------------------------------------------------------
+# `python app.py` with the embedded model, and a real browser
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    """`python app.py` as a Space runs it, configured through the environment only."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("served_app") / "stderr.log").open("w+")
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", PERPLEXITY_APP_MAX_CHARS="400", PERPLEXITY_APP_MODELS="owner/listed")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=log)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"python app.py exited with {process.returncode}: {log.read()[-2000:]}")
+            try:
+                urllib.request.urlopen(url + "config", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("python app.py did not serve within 180 s")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.mark.slow
+def test_python_app_py_serves_embedded_model(served_app, smol, text_metric):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(served_app, verbose=False)
+    text = "Paris is the capital of France."
+    *_, result = client.predict(text, None, 0, 0, True, api_name="/compute_text")
+    expected = text_metric.compute(predictions=[text], model=smol[0], tokenizer=smol[1])
+    assert result["num_tokens"] == expected["num_tokens"]
+    assert math.isclose(result["perplexity"], expected["perplexity"], rel_tol=1e-9)  # another process, same weights
+    with pytest.raises(AppError, match="scores at most 400"):  # PERPLEXITY_APP_MAX_CHARS
+        client.predict("z" * 401, None, 0, 0, True, api_name="/compute_text")
+    choices = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/compute_text"]
+    assert "owner/listed" in json.dumps(choices)  # PERPLEXITY_APP_MODELS
+
+
+@pytest.mark.slow
+def test_browser_computes_perplexity(served_app, smol, text_metric):
+    if not CHROMIUM.is_file():
+        pytest.skip("/usr/bin/chromium is absent (Debian package `chromium`; `make browser` installs it)")
+    from playwright.sync_api import sync_playwright
+
+    text = "The cat sat on the mat, and the dog slept by the fire."
+    expected = text_metric.compute(predictions=[text], model=smol[0], tokenizer=smol[1])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(served_app)
+            page.get_by_role("textbox").first.fill(text)
+            page.get_by_role("button", name="Compute", exact=True).click()
+            headline = page.locator("#text-summary h3")
+            headline.wait_for(timeout=60_000)
+            shown = re.fullmatch(r"Perplexity ([0-9.]+)", headline.inner_text().strip())
+            assert shown, headline.inner_text()
+            assert shown.group(1) == f"{expected['perplexity']:.4f}"
+            summary = page.locator("#text-summary").inner_text()
+            assert str(expected["num_tokens"]) in summary and f"{expected['bits_per_byte']:.4f}" in summary
+            assert page.locator("#text-tokens").get_by_text("< 1 nat").count() >= 1  # the surprisal legend
+
+            page.get_by_role("textbox").first.fill("w" * 401)  # over the limit: a clear message
+            page.get_by_role("button", name="Compute", exact=True).click()
+            page.get_by_text("this Space scores at most 400").first.wait_for(timeout=30_000)
+        finally:
+            browser.close()
