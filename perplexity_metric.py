@@ -127,15 +127,21 @@ _BASE_INIT_ARGS = {
 
 
 def _as_tensor(value, name):
-    """A tensor view of a tensor, numpy array or nested list, without touching the caller's data."""
+    """A tensor view of a tensor, numpy array or nested list, without touching the caller's data.
+
+    Lists go through numpy so Python floats stay float64 (torch would make them float32).
+    """
     if isinstance(value, torch.Tensor):
         return value.detach()
-    if isinstance(value, np.ndarray) and value.dtype != object:
-        return torch.from_numpy(value)
     try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"Expected `{name}` to be a tensor, array or (nested) list of numbers, but got {type(value).__name__}.") from None
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise TypeError
+        return torch.from_numpy(array)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"Expected `{name}` to be a tensor, array or (nested) list of numbers of one shape, but got {type(value).__name__}."
+        ) from None
 
 
 def _split_batch(values, name, batch_ndims):

@@ -43,7 +43,7 @@ def default_model_dir():
     gguf = embedded_gguf_path()
     if gguf is None:
         return DEFAULT_MODEL_HUB_ID
-    target = cache_root() / "SmolLM2-135M-Instruct-from-gguf"
+    target = cache_root() / "SmolLM2-135M-Instruct-from-gguf-v2"
     if (target / "model.safetensors").is_file():
         return str(target)
     from filelock import FileLock
@@ -60,6 +60,9 @@ def default_model_dir():
             del config.quantization_config  # the weights are dequantized floats now
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantized.state_dict())
+        # The GGUF names the chat template's <|im_start|> as BOS; documents in SmolLM2's
+        # pretraining are separated by <|endoftext|>, which scores real text better as a start.
+        tokenizer.bos_token = "<|endoftext|>"
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
