@@ -153,9 +153,14 @@ def _optional_int(value, name, zero_is_none=False):
     """None for an empty field (or 0 where 0 means "the default"); the integer in it otherwise."""
     if value is None or value == "" or (zero_is_none and value == 0):
         return None
-    if isinstance(value, bool) or float(value) != int(float(value)):
+    try:
+        number = float(value)
+        whole = not isinstance(value, bool) and number == int(number)
+    except (TypeError, ValueError, OverflowError):  # text, NaN, infinity, a list
+        whole = False
+    if not whole:
         raise gr.Error(f"Expected `{name}` to be a whole number, but got {value!r}.")
-    return int(float(value))
+    return int(number)
 
 
 def check_text(text, max_chars):

@@ -9,6 +9,7 @@ fits how the module was imported.
 """
 
 import math
+import os
 
 import datasets
 import evaluate
@@ -23,16 +24,19 @@ from .ppl_core import perplexity
 from .ppl_runner import score_texts
 from .ppl_sources import load_model
 from .ppl_card import update_model_card
+from .ppl_dist import score_corpus_distributed
 '''
 
 if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_card import update_model_card
     from .ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll
+    from .ppl_dist import distributed_session, score_corpus_distributed
     from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
 else:  # imported plainly: tests, app.py, the command line
     from ppl_card import update_model_card
     from ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll
+    from ppl_dist import distributed_session, score_corpus_distributed
     from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
 
@@ -84,6 +88,10 @@ Args ("text" configuration):
     batch_size (int, default 16), add_start_token (bool, default True),
     max_length (int, default: the model's context), stride (int, default max_length),
     device (str, optional), dtype (str, optional), trust_remote_code (bool, default False).
+    distributed (bool, default False): under torchrun / accelerate launch, every rank calls
+        compute with the same texts, scores its shard, and returns the whole result (the
+        same numbers as one process); a peer missing for `distributed_timeout` seconds
+        (default 1800) is an error naming its rank. Not with `num_process` > 1.
 
 Returns:
     perplexity: token-weighted corpus perplexity, exp(total NLL / total tokens).
@@ -120,6 +128,7 @@ _COMPACT_FEATURES = datasets.Features(
     {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Sequence(datasets.Value("int64"))}
 )
 _TEXT_FEATURES = datasets.Features({"predictions": datasets.Value("string")})
+_ARROW_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # what a finished Arrow IPC stream ends with
 _BASE_INIT_ARGS = {
     "keep_in_memory", "cache_dir", "num_process", "process_id", "seed", "experiment_id", "hash",
     "max_concurrent_cache_files", "timeout",
@@ -169,6 +178,8 @@ def to_compact(predictions, references, ignore_index):
         raise ValueError("Expected at least one example in `predictions`, but got none.")
     out = []
     for i, (pred, ref) in enumerate(zip(preds, refs)):
+        if ref.numel() == 0:  # `[]` arrives as floats: an example with nothing to score, like all padding
+            ref = ref.long()
         if ref.ndim != 1:
             raise ValueError(f"Expected `references[{i}]` to have 1 dimension, [seq_len], but got {ref.ndim}.")
         if pred.ndim not in (1, 2):
@@ -190,6 +201,13 @@ def to_compact(predictions, references, ignore_index):
             raise type(err)(f"In example {i}: {message.replace('[batch 0, position', '[position')}") from None
         out.append((logprobs.cpu().numpy(), ref.cpu().numpy().astype(np.int64)))
     return out
+
+
+def _check_text_inputs(predictions, references):
+    if references is not None:
+        raise TypeError("The 'text' configuration takes no `references`: pass the texts as `predictions`.")
+    if isinstance(predictions, str):
+        raise TypeError("Expected `predictions` to be a list of texts, but got a single string; wrap it in a list.")
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -223,11 +241,38 @@ class PerplexityMetric(evaluate.Metric):
             reference_urls=["https://huggingface.co/docs/transformers/perplexity"],
         )
 
+    # evaluate's process 0 reads each process's cache file as soon as it can lock it, and the
+    # lock of a process that died is free too: a cut file would then read as a short shard
+    # (a partial result reported as complete) or fail deep inside pyarrow. A finished Arrow
+    # stream ends with the end-of-stream marker; a file without one never finished.
+    def _finalize(self):
+        try:
+            super()._finalize()
+        except (OSError, ValueError):
+            self._check_shards_finished()
+            raise
+        self._check_shards_finished()
+
+    def _check_shards_finished(self):
+        if self.num_process == 1 or self.process_id != 0 or self.keep_in_memory:
+            return
+        for process_id in range(self.num_process):
+            path = os.path.join(self.data_dir, f"{self.experiment_id}-{self.num_process}-{process_id}.arrow")
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - len(_ARROW_END_OF_STREAM)))
+                finished = f.read() == _ARROW_END_OF_STREAM
+            if not finished:
+                raise ValueError(
+                    f"Process {process_id} of {self.num_process} did not finish its shard ({path} has no end marker): "
+                    f"it died or was stopped before calling compute(); no result."
+                )
+
     # Full distributions are reduced before evaluate encodes anything into Arrow.
     def add_batch(self, *, predictions=None, references=None, **kwargs):
         """Add a batch of examples (full distributions are reduced to target log-probs first).
 """
         if self.text_mode:
+            _check_text_inputs(predictions, references)
             return super().add_batch(predictions=predictions, **kwargs)
         examples = to_compact(predictions, references, kwargs.pop("ignore_index", self.ignore_index))
         return super().add_batch(
@@ -238,6 +283,7 @@ class PerplexityMetric(evaluate.Metric):
         """Add one example (a full distribution is reduced to target log-probs first).
 """
         if self.text_mode:
+            _check_text_inputs([prediction], reference)
             return super().add(prediction=prediction, **kwargs)
         ((logprobs, ref),) = to_compact([prediction], [reference], self.ignore_index)
         return super().add(prediction=logprobs.tolist(), reference=ref.tolist(), **kwargs)
@@ -245,10 +291,13 @@ class PerplexityMetric(evaluate.Metric):
     def compute(self, *, predictions=None, references=None, **kwargs):
         """Compute the metric over everything added (plus `predictions`/`references` if given).
 """
+        if predictions is None and references is None and self.keep_in_memory and self.buf_writer is None:
+            raise ValueError("Nothing to compute: call `add` or `add_batch` first, or pass `predictions` to compute().")
         if not self.text_mode and (predictions is not None or references is not None):
             self.add_batch(predictions=predictions, references=references, ignore_index=kwargs.get("ignore_index", self.ignore_index))
             predictions = references = None
         if self.text_mode:
+            _check_text_inputs(predictions, references)
             return super().compute(predictions=predictions, **kwargs)
         return super().compute(predictions=predictions, references=references, **kwargs)
 
@@ -273,9 +322,24 @@ class PerplexityMetric(evaluate.Metric):
         return summarize(nll_sums, counts, bootstrap_resamples=resamples)
 
     def _compute_texts(self, texts, resamples, model_id=None, model=None, tokenizer=None, gguf_file=None,
-                       device=None, dtype=None, trust_remote_code=False, **runner_kwargs):
-        if model is None:
-            model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        elif tokenizer is None:
+                       device=None, dtype=None, trust_remote_code=False, distributed=False, distributed_timeout=1800,
+                       **runner_kwargs):
+        if model is not None and tokenizer is None:
             raise ValueError("Expected a `tokenizer` together with `model`.")
-        return evaluate_texts(model, tokenizer, texts, bootstrap_resamples=resamples, **runner_kwargs)
+        if model is None and tokenizer is not None:
+            raise ValueError("Expected a `model` together with `tokenizer` (or `model_id` alone).")
+        if not distributed:
+            if model is None:
+                model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            return evaluate_texts(model, tokenizer, texts, bootstrap_resamples=resamples, **runner_kwargs)
+        if self.num_process != 1:
+            raise ValueError(
+                f"Expected `distributed=True` (texts sharded over torch.distributed ranks) with num_process=1, but got "
+                f"num_process={self.num_process}: shard with one or the other."
+            )
+        with distributed_session(timeout=distributed_timeout) as ctx:  # joins torchrun's group, or runs alone
+            if model is None:
+                model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device or ctx["device"], dtype=dtype,
+                                              trust_remote_code=trust_remote_code)
+            return score_corpus_distributed(model, tokenizer, texts, timeout=distributed_timeout, all_ranks=True,
+                                            bootstrap_resamples=resamples, **runner_kwargs)

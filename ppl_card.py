@@ -6,7 +6,7 @@ Uses `huggingface_hub`'s ModelCard / EvalResult, the same metadata that
 
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard
 
 # result key -> (metric type, readable name); the keys the metric returns that make sense in a card
 _CARD_METRICS = {

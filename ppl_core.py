@@ -304,12 +304,20 @@ def bootstrap_interval(nll_sums, counts, *, resamples=1000, seed=0, level=0.95):
     return [float(low), float(high)]
 
 
+def check_bootstrap_resamples(value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `bootstrap_resamples` to be a positive int, but got {value!r}.")
+    if value < 1:
+        raise ValueError(f"Expected `bootstrap_resamples` to be a positive int, but got {value}.")
+
+
 def summarize(nll_sums, counts, *, bootstrap_resamples=1000, seed=0):
     """The metric's result dict from per-example NLL sums and token counts.
 
     `perplexities[i]` is None for an example with no scored token; it is left out of
     `mean_perplexity` and the bootstrap, and its tokens count nowhere.
     """
+    check_bootstrap_resamples(bootstrap_resamples)
     nll_sums = [float(x) for x in nll_sums]
     counts = [int(c) for c in counts]
     total_nll, total = math.fsum(nll_sums), sum(counts)

@@ -22,6 +22,13 @@ else:
 TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
 
 
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int, but got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, but got {value}.")
+
+
 def plan_windows(num_tokens, max_length, stride):
     """Windows that score targets 1..num_tokens-1 of a sequence exactly once.
 
@@ -161,24 +168,32 @@ def score_texts(
             token to score, no start token available.
         TypeError: a text that is not a string.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected `model` to be a loaded causal LM (a torch.nn.Module), but got {type(model).__name__}; "
+                        "load one by its id with `ppl_sources.load_model` (text mode: pass `model_id`).")
+    if not callable(tokenizer) or not hasattr(tokenizer, "bos_token_id"):
+        raise TypeError(f"Expected `tokenizer` to be a loaded tokenizer, but got {type(tokenizer).__name__}.")
     limit = context_length(model, tokenizer)
     if max_length is None:
         max_length = limit or 1024
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"Expected `max_length` to be a positive int, but got {max_length!r}.")
+    _check_int(max_length, "max_length", minimum=1)
     if limit is not None and max_length > limit:
         raise ValueError(f"Expected `max_length` <= {limit} (the model's context length), but got {max_length}.")
     stride = max_length if stride is None else stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length:
-        raise ValueError(f"Expected `stride` to be an int in [1, max_length={max_length}], but got {stride!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
-    max_batch_tokens = max_batch_tokens or batch_size * min(max_length, 256)
+    _check_int(stride, "stride", minimum=1)
+    if stride > max_length:
+        raise ValueError(f"Expected `stride` to be an int in [1, max_length={max_length}], but got {stride}.")
+    _check_int(batch_size, "batch_size", minimum=1)
+    if max_batch_tokens is None:
+        max_batch_tokens = batch_size * min(max_length, 256)
+    _check_int(max_batch_tokens, "max_batch_tokens", minimum=1)
     padding_side = padding_side or getattr(tokenizer, "padding_side", "right")
     if padding_side not in ("left", "right"):
         raise ValueError(f"Expected `padding_side` 'left' or 'right', but got {padding_side!r}.")
     if isinstance(texts, str):
         raise TypeError("Expected `texts` to be a list of strings, but got a single string; wrap it in a list.")
+    if not hasattr(texts, "__iter__"):
+        raise TypeError(f"Expected `texts` to be a list of strings, but got {type(texts).__name__}.")
     start_id = start_token_id(tokenizer) if add_start_token else None
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -243,13 +258,19 @@ def evaluate_texts(model, tokenizer, texts, *, bootstrap_resamples=1000, **runne
     `perplexities`, `mean_perplexity`, `perplexity_ci`) plus lm-evaluation-harness's
     `word_perplexity`, `byte_perplexity`, `bits_per_byte` and `num_documents`.
     """
-    texts = list(texts) if not isinstance(texts, str) else texts
+    texts = list(texts) if hasattr(texts, "__iter__") and not isinstance(texts, str) else texts  # else score_texts says why
+    nll_sums, counts = nll_per_text(model, tokenizer, texts, **runner_kwargs)
+    return pool_texts(nll_sums, counts, texts, bootstrap_resamples=bootstrap_resamples)
+
+
+def nll_per_text(model, tokenizer, texts, **runner_kwargs):
+    """Per-text NLL sums (summed exactly with fsum) and scored-token counts, in input order."""
     nll_sums, counts = [], []
     for batch in score_texts(model, tokenizer, texts, **runner_kwargs):
         for logprobs in batch["predictions"]:
             nll_sums.append(-math.fsum(logprobs))
             counts.append(len(logprobs))
-    return pool_texts(nll_sums, counts, texts, bootstrap_resamples=bootstrap_resamples)
+    return nll_sums, counts
 
 
 def pool_texts(nll_sums, counts, texts, *, bootstrap_resamples=1000):

@@ -109,6 +109,8 @@ def load_model(model_id=None, *, gguf_file=None, device=None, dtype=None, trust_
     Raises:
         ValueError: an unknown model, file or option, with the reason in one line.
     """
+    if not isinstance(trust_remote_code, bool):
+        raise TypeError(f"Expected `trust_remote_code` to be True or False, but got {trust_remote_code!r}.")
     if gguf_file is not None and model_id is None and Path(gguf_file).is_file():
         model_id, gguf_file = str(Path(gguf_file).parent), Path(gguf_file).name
     device = resolve_device(device)
@@ -167,6 +169,8 @@ def read_corpus(source=None, *, text_field="text", split="test", config=None):
     """
     if source in (None, DEFAULT_CORPUS):
         return default_corpus()
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"Expected `source` to be a file path or a data set name, but got {type(source).__name__}.")
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in {".txt", ".md", ".tokens", ".raw", ".jsonl", ".json", ".parquet", ".csv"} or path.exists():
@@ -194,7 +198,12 @@ def _read_file(path, suffix, text_field):
         if suffix in (".parquet", ".csv"):
             import datasets
 
-            data = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+            from datasets.exceptions import DatasetGenerationError
+
+            try:
+                data = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+            except DatasetGenerationError as err:  # an empty or malformed file; the cause says which
+                raise ValueError(f"{err}: {err.__cause__}" if err.__cause__ else str(err)) from None
             if text_field not in data.column_names:
                 raise ValueError(f"no column {text_field!r} (columns: {data.column_names})")
             return [t or "" for t in data[text_field]]
