@@ -11,6 +11,7 @@ with NLL_i = -log p(target_i | context) and a token scored unless its target equ
 """
 
 import math
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 # Elements handled per cross-entropy call: small enough that the float32 working copy of a
 # chunk stays a few MB, large enough that the per-call overhead is noise.
-_ELEMENTS_PER_CALL = 1 << 20
+_ELEMENTS_PER_CALL = 1 << 19
 _INTERNAL_IGNORE = -100  # what F.cross_entropy skips; user targets are remapped onto it
 
 
@@ -133,8 +134,19 @@ def _nll_block(logits, target, out):
         _nll_rows(logits, target, out, 0, n_rows, rows_per_call)
     else:
         bounds = [(n_rows * k // workers, n_rows * (k + 1) // workers) for k in range(workers)]
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda b: _nll_rows(logits, target, out, b[0], b[1], rows_per_call), bounds))
+        list(_worker_pool(workers).map(lambda b: _nll_rows(logits, target, out, b[0], b[1], rows_per_call), bounds))
+
+
+_pools = {}
+
+
+def _worker_pool(workers):
+    """A thread pool kept per process and size: starting threads on every call cost more than
+    the work on small inputs. Keyed by pid, since threads do not survive a fork."""
+    key = (os.getpid(), workers)
+    if key not in _pools:
+        _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="ppl_core")
+    return _pools[key]
 
 
 def target_nll(preds, target, ignore_index=None):

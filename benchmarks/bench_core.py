@@ -4,8 +4,10 @@ the core on the same data.
 
 Every measurement runs in its own subprocess, so one method's peak memory never mixes with
 another's. "Extra memory" is the peak RSS during the call minus the RSS just before it (Linux
-`/proc/self/clear_refs` resets the peak between repeats). The workers run with a fixed glibc
-mmap threshold, so memory freed by torch goes back to the system and RSS tracks live memory.
+`/proc/self/clear_refs` resets the peak between repeats). glibc's allocator runs with its
+defaults, as users have it: blocks above its mmap threshold (at most 32 MB) go back to the
+system when freed, so full-size copies show in the peak; a fixed low threshold would instead
+turn every few-MB chunk into an mmap and page faults, timing the allocator, not the method.
 `--busy` keeps another core busy with a spinning process during the measurement (small
 chunks that lean on torch's intra-op threads can collapse under load); by default both the
 quiet and the busy machine are measured.
@@ -163,7 +165,7 @@ def worker(method, shape, repeats):
 
 
 def run_method(method, shape, repeats, busy):
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     command = [sys.executable, __file__, "--worker", method, "--shape", ",".join(map(str, shape)), "--repeats", str(repeats)]
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
