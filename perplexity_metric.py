@@ -269,8 +269,7 @@ class PerplexityMetric(evaluate.Metric):
 
     # Full distributions are reduced before evaluate encodes anything into Arrow.
     def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of examples (full distributions are reduced to target log-probs first).
-"""
+        """Add a batch of examples (full distributions are reduced to target log-probs first)."""
         if self.text_mode:
             _check_text_inputs(predictions, references)
             return super().add_batch(predictions=predictions, **kwargs)
@@ -280,8 +279,7 @@ class PerplexityMetric(evaluate.Metric):
         )
 
     def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one example (a full distribution is reduced to target log-probs first).
-"""
+        """Add one example (a full distribution is reduced to target log-probs first)."""
         if self.text_mode:
             _check_text_inputs([prediction], reference)
             return super().add(prediction=prediction, **kwargs)
@@ -289,8 +287,7 @@ class PerplexityMetric(evaluate.Metric):
         return super().add(prediction=logprobs.tolist(), reference=ref.tolist(), **kwargs)
 
     def compute(self, *, predictions=None, references=None, **kwargs):
-        """Compute the metric over everything added (plus `predictions`/`references` if given).
-"""
+        """Compute the metric over everything added (plus `predictions`/`references` if given)."""
         if predictions is None and references is None and self.keep_in_memory and self.buf_writer is None:
             raise ValueError("Nothing to compute: call `add` or `add_batch` first, or pass `predictions` to compute().")
         if not self.text_mode and (predictions is not None or references is not None):

@@ -50,6 +50,18 @@ def test_plan_windows_scores_every_target_once(num_tokens, max_length, data):
     assert scored == list(range(1, num_tokens))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.integers(1, 8), st.integers(1, 200))
+def test_pack_batches_respects_its_limits(lengths, batch_size, max_batch_tokens):
+    batches = ppl_runner.pack_batches(lengths, batch_size, max_batch_tokens)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        if len(batch) > 1:  # a single item always runs, whatever its size
+            assert len(batch) <= batch_size and padded <= max_batch_tokens
+            assert padded - sum(lengths[i] for i in batch) <= 0.1 * padded
+
+
 def lm_eval_rolling_windows(tokens, prefix_token, max_seq_len):
     """lm-evaluation-harness's get_rolling_token_windows (context_len=1) + make_disjoint_window,
     written from its documented algorithm: yields (context, continuation) token lists."""
