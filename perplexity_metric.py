@@ -29,13 +29,13 @@ from .ppl_dist import score_corpus_distributed
 
 if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_card import update_model_card
-    from .ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll
+    from .ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_ignore_index, perplexity, summarize, target_nll
     from .ppl_dist import distributed_session, score_corpus_distributed
     from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
 else:  # imported plainly: tests, app.py, the command line
     from ppl_card import update_model_card
-    from ppl_core import Perplexity, check_compact_inputs, perplexity, summarize, target_nll
+    from ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_ignore_index, perplexity, summarize, target_nll
     from ppl_dist import distributed_session, score_corpus_distributed
     from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
@@ -100,9 +100,10 @@ Returns:
     num_tokens: number of scored tokens.
     perplexities: one per example (None for an example with no scored token).
     mean_perplexity: plain mean of `perplexities` (evaluate's "perplexity" headline).
-    perplexity_ci: 95% percentile-bootstrap interval over examples, [low, high].
+    perplexity_ci: 95% percentile-bootstrap interval over examples, [low, high]
+        (None with fewer than two examples).
     Text mode adds word_perplexity, byte_perplexity and bits_per_byte
-    (lm-evaluation-harness definitions).
+    (lm-evaluation-harness definitions), num_words, num_bytes and num_documents.
 
 Examples:
     Log-probabilities of log(1/4) everywhere give perplexity 4:
@@ -165,10 +166,15 @@ def _split_batch(values, name, batch_ndims):
     return [_as_tensor(v, f"{name}[{i}]") for i, v in enumerate(values)]
 
 
+_STORED_IGNORED = -1  # how an ignored position is cached: its log-prob 0.0, its target -1
+
+
 def to_compact(predictions, references, ignore_index):
     """Reduce a batch to per-example float64 target log-probs and int64 targets (numpy).
 
     Full distributions go through the chunked core; nothing vocabulary-sized is kept.
+    Positions ignored now are stored as target -1 with log-prob 0, so they stay ignored
+    whatever `compute` is later told (and NaN at padding never reaches the sums).
     """
     preds = _split_batch(predictions, "predictions", (2, 3))
     refs = _split_batch(references, "references", (1, 2))
@@ -199,7 +205,10 @@ def to_compact(predictions, references, ignore_index):
         except (TypeError, ValueError) as err:  # name the metric's arguments, not the core's
             message = str(err).replace("`preds`", f"`predictions[{i}]`").replace("`target`", f"`references[{i}]`")
             raise type(err)(f"In example {i}: {message.replace('[batch 0, position', '[position')}") from None
-        out.append((logprobs.cpu().numpy(), ref.cpu().numpy().astype(np.int64)))
+        scored = (ref != ignore_index) if ignore_index is not None else torch.ones_like(ref, dtype=torch.bool)
+        logprobs = torch.where(scored.to(logprobs.device), logprobs, 0.0)
+        ref = torch.where(scored, ref.long(), _STORED_IGNORED)
+        out.append((logprobs.cpu().numpy(), ref.cpu().numpy()))
     return out
 
 
@@ -222,8 +231,8 @@ class PerplexityMetric(evaluate.Metric):
             )
         if config_name not in (None, "default", "text"):
             raise ValueError(f"Expected config_name 'default' or 'text', but got {config_name!r}.")
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-            raise TypeError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
+        check_ignore_index(ignore_index)
+        check_bootstrap_resamples(bootstrap_resamples)
         super().__init__(config_name=config_name or "default", **kwargs)
         self.ignore_index = ignore_index
         self.bootstrap_resamples = bootstrap_resamples
@@ -283,7 +292,7 @@ class PerplexityMetric(evaluate.Metric):
         if self.text_mode:
             _check_text_inputs([prediction], reference)
             return super().add(prediction=prediction, **kwargs)
-        ((logprobs, ref),) = to_compact([prediction], [reference], self.ignore_index)
+        ((logprobs, ref),) = to_compact([prediction], [reference], kwargs.pop("ignore_index", self.ignore_index))
         return super().add(prediction=logprobs.tolist(), reference=ref.tolist(), **kwargs)
 
     def compute(self, *, predictions=None, references=None, **kwargs):
@@ -301,6 +310,8 @@ class PerplexityMetric(evaluate.Metric):
     def _compute(self, predictions, references=None, ignore_index="default", bootstrap_resamples=None, **text_kwargs):
         resamples = self.bootstrap_resamples if bootstrap_resamples is None else bootstrap_resamples
         if self.text_mode:
+            if ignore_index != "default":
+                raise TypeError("`ignore_index` applies to token ids; the 'text' configuration scores every token of each text.")
             return self._compute_texts(predictions, resamples, **text_kwargs)
         if text_kwargs:
             raise TypeError(f"Unknown argument(s) {sorted(text_kwargs)} for compute(); model arguments need the 'text' configuration.")
@@ -308,12 +319,9 @@ class PerplexityMetric(evaluate.Metric):
         nll_sums, counts = [], []
         for logprobs, ref in zip(predictions, references):
             ref = np.asarray(ref, dtype=np.int64)
-            mask = ref != ignore_index if ignore_index is not None else np.ones(len(ref), dtype=bool)
-            if (ref[mask] < 0).any():  # padding stored under another ignore_index must not count
-                raise ValueError(
-                    f"Expected `references` ids >= 0 or equal to ignore_index={ignore_index}, but got "
-                    f"{int(ref[mask].min())}; pass compute() the ignore_index the data was added with."
-                )
+            mask = ref >= 0  # ignored when added (stored as -1)
+            if ignore_index is not None and ignore_index >= 0:  # a real id may also be left out here
+                mask &= ref != ignore_index
             nll_sums.append(-math.fsum(np.asarray(logprobs, dtype=np.float64)[mask]))
             counts.append(int(mask.sum()))
         return summarize(nll_sums, counts, bootstrap_resamples=resamples)
@@ -325,6 +333,11 @@ class PerplexityMetric(evaluate.Metric):
             raise ValueError("Expected a `tokenizer` together with `model`.")
         if model is None and tokenizer is not None:
             raise ValueError("Expected a `model` together with `tokenizer` (or `model_id` alone).")
+        loading = {"model_id": model_id, "gguf_file": gguf_file, "device": device, "dtype": dtype,
+                   "trust_remote_code": trust_remote_code or None}
+        if model is not None and any(v is not None for v in loading.values()):
+            given = sorted(k for k, v in loading.items() if v is not None)
+            raise TypeError(f"{given} would be ignored with a loaded `model`: pass either `model`/`tokenizer` or the loading options.")
         if not distributed:
             if model is None:
                 model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

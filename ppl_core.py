@@ -43,7 +43,7 @@ def _check_target(target, name="target", ignore_index=None):
         )
 
 
-def _check_ignore_index(ignore_index):
+def check_ignore_index(ignore_index):
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
 
@@ -55,7 +55,7 @@ def check_full_inputs(preds, target, ignore_index=None):
         TypeError: a non-tensor, a non-float `preds` or a non-integer `target`.
         ValueError: wrong dimensions, mismatched shapes, empty input, ids outside the vocabulary.
     """
-    _check_ignore_index(ignore_index)
+    check_ignore_index(ignore_index)
     if not isinstance(preds, torch.Tensor):
         raise TypeError(f"Expected `preds` to be a torch.Tensor, but got {type(preds).__name__}.")
     if not preds.dtype.is_floating_point:
@@ -84,7 +84,7 @@ def check_full_inputs(preds, target, ignore_index=None):
 
 def check_compact_inputs(logprobs, target, ignore_index=None):
     """Validate per-token target log-probabilities and their target ids, both `[batch, seq_len]`."""
-    _check_ignore_index(ignore_index)
+    check_ignore_index(ignore_index)
     if not isinstance(logprobs, torch.Tensor) or not logprobs.dtype.is_floating_point:
         raise TypeError("Expected `predictions` (per-token log-probabilities) to be floating point.")
     if logprobs.shape != target.shape:
@@ -164,9 +164,10 @@ def target_nll(preds, target, ignore_index=None):
         ValueError: NaN, inf, or a -inf target log-probability at a scored position.
     """
     check_full_inputs(preds, target, ignore_index)
+    target = target.to(preds.device)  # labels often stay on the CPU while logits are on the GPU
     vocab = preds.shape[-1]
     mask = scored_mask(target, ignore_index).reshape(-1)
-    flat_target = torch.where(mask, target.reshape(-1), _INTERNAL_IGNORE).to(device=preds.device, dtype=torch.long)
+    flat_target = torch.where(mask, target.reshape(-1), _INTERNAL_IGNORE).long()
     # float64 stays float64; half types are computed in float32
     out = torch.empty(target.numel(), dtype=torch.promote_types(preds.dtype, torch.float32), device=preds.device)
     try:
@@ -257,22 +258,35 @@ class Perplexity(torch.nn.Module):
 
     def __init__(self, ignore_index=None):
         super().__init__()
-        _check_ignore_index(ignore_index)
+        check_ignore_index(ignore_index)
         self.ignore_index = ignore_index
         self.register_buffer("nll_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
 
-    def update(self, preds, target):
-        """Add a batch to the running sums; returns the batch's own (NLL sum, token count)."""
-        nll_sum, count = _pooled_sums(preds, target, self.ignore_index)
+    def _apply(self, fn, *args, **kwargs):
+        # `.half()`/`.to(bfloat16)` on a parent module must not shrink the accumulators
+        super()._apply(fn, *args, **kwargs)
+        self.nll_sum = self.nll_sum.to(torch.float64)
+        self.count = self.count.to(torch.int64)
+        return self
+
+    def _add(self, nll_sum, count):
         self.nll_sum += nll_sum.to(self.nll_sum.device)
         self.count += count.to(self.count.device)
-        return nll_sum, count
+
+    def update(self, preds, target):
+        """Add a batch to the running sums."""
+        self._add(*_pooled_sums(preds, target, self.ignore_index))
 
     def forward(self, preds, target):
-        """Accumulate the batch and return its own perplexity (torchmetrics' forward)."""
-        nll_sum, count = self.update(preds, target)
-        return torch.tensor(pooled_perplexity(nll_sum, count), dtype=torch.float64)
+        """Accumulate the batch and return its own perplexity (torchmetrics' forward).
+
+        A batch whose every token is ignored raises (its perplexity is undefined) and is not added.
+        """
+        nll_sum, count = _pooled_sums(preds, target, self.ignore_index)
+        value = pooled_perplexity(nll_sum, count)
+        self._add(nll_sum, count)
+        return torch.tensor(value, dtype=torch.float64)
 
     def compute(self, sync=True):
         """Perplexity over everything added since the last `reset`."""
@@ -327,7 +341,8 @@ def summarize(nll_sums, counts, *, bootstrap_resamples=1000, seed=0):
     """The metric's result dict from per-example NLL sums and token counts.
 
     `perplexities[i]` is None for an example with no scored token; it is left out of
-    `mean_perplexity` and the bootstrap, and its tokens count nowhere.
+    `mean_perplexity` and the bootstrap, and its tokens count nowhere. `perplexity_ci` is
+    None with fewer than two such examples: one document says nothing about the spread.
     """
     check_bootstrap_resamples(bootstrap_resamples)
     nll_sums = [float(x) for x in nll_sums]
@@ -349,7 +364,9 @@ def summarize(nll_sums, counts, *, bootstrap_resamples=1000, seed=0):
             [c for c in counts if c],
             resamples=bootstrap_resamples,
             seed=seed,
-        ),
+        )
+        if len(kept) >= 2
+        else None,
     }
 
 
@@ -362,8 +379,8 @@ def text_metrics(total_nll, texts):
     words = sum(len(re.split(r"\s+", text)) for text in texts)
     num_bytes = sum(len(text.encode("utf-8")) for text in texts)
     return {
-        "word_perplexity": math.exp(total_nll / words),
-        "byte_perplexity": math.exp(total_nll / num_bytes),
+        "word_perplexity": _exp(total_nll / words),
+        "byte_perplexity": _exp(total_nll / num_bytes),
         "bits_per_byte": total_nll / (num_bytes * math.log(2)),
         "num_words": words,
         "num_bytes": num_bytes,

@@ -286,8 +286,8 @@ def test_metric_rejected_batch_adds_nothing(new_metric):
 def test_metric_failed_compute_leaves_no_data_behind(metric_class, tmp_path, keep_in_memory):
     metric = metric_class(keep_in_memory=keep_in_memory, cache_dir=str(tmp_path))
     metric.add_batch(predictions=[[-1.0, -2.0]], references=[[1, -100]])
-    with pytest.raises(ValueError, match="`references`.*ignore_index"):  # fails inside _compute, after the data is read
-        metric.compute(ignore_index=None)
+    with pytest.raises(ValueError, match="bootstrap_resamples"):  # fails inside _compute, after the data is read
+        metric.compute(bootstrap_resamples=0)
     fresh = metric.compute(predictions=[[-3.0]], references=[[4]])
     assert fresh["num_tokens"] == 1 and fresh["perplexity"] == pytest.approx(math.exp(3.0))
 

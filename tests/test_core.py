@@ -363,6 +363,7 @@ def test_bootstrap_interval_brackets_the_corpus_value():
 
 
 def test_bootstrap_of_one_example_is_degenerate():
+    assert summarize([30.0], [10])["perplexity_ci"] is None  # the result says so rather than show [p, p]
     low, high = bootstrap_interval([30.0], [10])
     assert low == high == pytest.approx(math.exp(3.0))
 
@@ -390,3 +391,25 @@ def test_summarize_skips_examples_without_scored_tokens():
 def test_summarize_with_no_scored_token_raises():
     with pytest.raises(ValueError, match="No token was scored"):
         summarize([0.0, 0.0], [0, 0])
+
+
+def test_accumulators_stay_float64_when_a_parent_is_cast():
+    metric = Perplexity(ignore_index=-100)
+    parent = torch.nn.Sequential(metric).half()
+    assert parent[0].nll_sum.dtype == torch.float64 and parent[0].count.dtype == torch.int64
+
+
+def test_forward_on_an_all_ignored_batch_raises_and_adds_nothing():
+    metric = Perplexity(ignore_index=-100)
+    preds = torch.full((1, 2, 4), math.log(1 / 4))
+    with pytest.raises(ValueError, match="ignore_index"):
+        metric(preds, torch.full((1, 2), -100))
+    assert metric.count.item() == 0
+    assert metric(preds, torch.tensor([[1, 2]])).item() == pytest.approx(4.0)
+
+
+def test_text_metrics_overflow_to_inf_not_an_exception():
+    from ppl_core import text_metrics
+
+    result = text_metrics(5000.0, ["一二三四五六七八九十" * 50])  # one "word", thousands of nats
+    assert result["word_perplexity"] == math.inf and math.isfinite(result["byte_perplexity"])

@@ -301,12 +301,22 @@ def test_ignore_index_set_at_compute(new_metric):
     assert every_token["perplexity"] == pytest.approx(perplexity(preds, target).item(), rel=1e-9)
 
 
-def test_compute_never_scores_pads_stored_under_another_ignore_index(new_metric):
+def test_positions_ignored_when_added_stay_ignored(new_metric, expected):
     preds, target = full_batch()
+    preds = preds.clone()
+    preds[target == -100] = math.nan  # padding is never read
+    for ignore_index in (None, -100, 7_000):
+        metric = new_metric()
+        metric.add_batch(predictions=preds, references=target)
+        assert_same_result(metric.compute(ignore_index=ignore_index), expected)
+
+
+def test_compute_may_leave_out_a_real_id(new_metric):
+    logprobs, refs = [[-1.0, -2.0, -4.0]], [[5, 0, 6]]
     metric = new_metric()
-    metric.add_batch(predictions=preds, references=target)
-    with pytest.raises(ValueError, match="`references`|ignore_index"):
-        metric.compute(ignore_index=None)
+    metric.add_batch(predictions=logprobs, references=refs)
+    result = metric.compute(ignore_index=0)
+    assert result["num_tokens"] == 2 and result["perplexity"] == pytest.approx(math.exp(2.5))
 
 
 # ---------------------------------------------------------------------------------------
