@@ -26,7 +26,7 @@ import gradio as gr
 import pandas as pd
 
 from perplexity_metric import PerplexityMetric
-from ppl_runner import pool_texts, score_texts
+from ppl_runner import plan_windows, pool_texts, resolve_settings, score_texts
 from ppl_sources import DEFAULT_MODEL, load_model
 
 ROOT = Path(__file__).resolve().parent
@@ -34,6 +34,7 @@ DEFAULT_MAX_CHARS = 20_000
 DEFAULT_MAX_JSON_CHARS = 2_000_000
 DEFAULT_CONCURRENCY = 2
 DEFAULT_QUEUE_SIZE = 64
+MAX_WORK_FACTOR = 8  # most model input tokens per text token one request may ask for (stride >= max_length / 8)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 # Per-token colours: the surprisal (NLL, nats) of each token, in four bands.
@@ -248,6 +249,19 @@ def summary_markdown(result):
     )
 
 
+def check_work(text, model, tokenizer, max_length, stride, add_start_token):
+    """Refuse window settings that would feed the model far more tokens than the text has:
+    a stride of 1 re-reads up to `max_length` tokens for every token scored."""
+    settings = resolve_settings(model, tokenizer, max_length=max_length, stride=stride, add_start_token=add_start_token)
+    num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+    work = sum(stop - start for start, stop, _ in plan_windows(num_tokens, settings["max_length"], settings["stride"]))
+    if work > MAX_WORK_FACTOR * num_tokens:
+        raise gr.Error(
+            f"`stride` {settings['stride']} with `max_length` {settings['max_length']} would run {work} tokens through the "
+            f"model for a text of {num_tokens}; this Space allows {MAX_WORK_FACTOR}x: raise `stride`."
+        )
+
+
 def compute_text(models, text, choice=None, max_length=None, stride=None, add_start_token=True, *, max_chars=DEFAULT_MAX_CHARS):
     """The text tab's handler: (summary Markdown, highlighted tokens, NLL plot data, result dict)."""
     check_text(text, max_chars)
@@ -255,6 +269,7 @@ def compute_text(models, text, choice=None, max_length=None, stride=None, add_st
     stride = _optional_int(stride, "stride", zero_is_none=True)
     model, tokenizer = models.get(choice)
     try:
+        check_work(text, model, tokenizer, max_length, stride, bool(add_start_token))
         result, tokens = score_text(
             text, model, tokenizer, max_length=max_length, stride=stride, add_start_token=bool(add_start_token)
         )
@@ -290,11 +305,12 @@ def compute_logprobs(payload, ignore_index=-100, *, max_chars=DEFAULT_MAX_JSON_C
         result = metric.compute(predictions=predictions, references=references)
     except (ValueError, TypeError) as err:
         raise gr.Error(str(err)) from None
-    low, high = result["perplexity_ci"]
+    interval = result["perplexity_ci"]
+    spread = f"95% bootstrap interval over examples [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "one example: no interval"
     summary = (
         f"### Perplexity {result['perplexity']:.4f}\n\n"
         f"NLL {result['nll']:.4f} nats per token over {result['num_tokens']} tokens; "
-        f"95% bootstrap interval over examples [{low:.4f}, {high:.4f}]; "
+        f"{spread}; "
         f"mean of per-example perplexities {result['mean_perplexity']:.4f}."
     )
     return summary, result

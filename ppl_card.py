@@ -18,7 +18,7 @@ _CARD_METRICS = {
 
 
 def _same_entry(a, b):
-    keys = ("task_type", "dataset_type", "dataset_name", "dataset_config", "dataset_split", "metric_type")
+    keys = ("task_type", "dataset_type", "dataset_name", "dataset_config", "dataset_split", "metric_type", "metric_config")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
@@ -33,6 +33,7 @@ def update_model_card(
     dataset_config=None,
     task_type="text-generation",
     metrics=None,
+    metric_config=None,
 ):
     """Record perplexity results in the model card at `path` (a README.md or its folder).
 
@@ -47,6 +48,8 @@ def update_model_card(
         dataset_type, dataset_name, dataset_split, dataset_config: which data set was scored.
         metrics: which result keys to record (default: those of `perplexity`,
             `word_perplexity`, `byte_perplexity`, `bits_per_byte` present in `results`).
+        metric_config: the settings behind the numbers, e.g. "max_length=2048,stride=512";
+            entries with other settings are kept beside these, not replaced.
 
     Returns:
         The path of the card written.
@@ -78,6 +81,7 @@ def update_model_card(
                 metric_type=metric_type,
                 metric_name=metric_name,
                 metric_value=value,
+                metric_config=metric_config,
             )
         )
     if path.is_file():

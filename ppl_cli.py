@@ -13,7 +13,7 @@ import sys
 import time
 
 from ppl_card import update_model_card
-from ppl_runner import evaluate_texts
+from ppl_runner import evaluate_texts, resolve_settings
 from ppl_sources import DEFAULT_CORPUS, DEFAULT_MODEL, load_model, read_corpus
 
 DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about a minute on 2 CPU cores)
@@ -40,6 +40,8 @@ def parse_args(argv=None):
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--max-length", type=int, help="window length in tokens (default: the model's context)")
     run.add_argument("--stride", type=int, help="tokens a window advances (default: max-length)")
+    run.add_argument("--max-batch-tokens", type=int,
+                     help="most padded tokens per forward pass (default: 64 per batch item on CPU, up to 256 elsewhere)")
     run.add_argument("--no-start-token", action="store_true", help="do not prepend BOS/EOS (the first token is then unscored)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="also write the result (with per-document perplexities) as JSON")
@@ -51,12 +53,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def format_report(result, *, model_name, corpus_name, seconds):
-    low, high = result["perplexity_ci"]
+def format_report(result, *, model_name, corpus_name, seconds, windows):
+    interval = result["perplexity_ci"]
+    spread = f"95% CI {interval[0]:.4f} - {interval[1]:.4f}, bootstrap over documents" if interval else "one document: no interval"
     rows = [
         ("Model", model_name),
         ("Corpus", corpus_name),
-        ("Perplexity", f"{result['perplexity']:.4f}   (95% CI {low:.4f} - {high:.4f}, bootstrap over documents)"),
+        ("Windows", windows),
+        ("Perplexity", f"{result['perplexity']:.4f}   ({spread})"),
         ("NLL", f"{result['nll']:.4f} nats/token"),
         ("Bits per token", f"{result['bits_per_token']:.4f}"),
         ("Word perplexity", f"{result['word_perplexity']:.4f}"),
@@ -82,15 +86,19 @@ def main(argv=None):
         texts = texts[:limit] if limit else texts
         model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype,
                                       trust_remote_code=args.trust_remote_code)
+        options = dict(batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
+                       max_batch_tokens=args.max_batch_tokens, add_start_token=not args.no_start_token)
+        settings = resolve_settings(model, tokenizer, **options)
         started = time.perf_counter()
-        result = evaluate_texts(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
-                                stride=args.stride, add_start_token=not args.no_start_token, progress=not args.quiet)
+        result = evaluate_texts(model, tokenizer, texts, progress=not args.quiet, **options)
         seconds = time.perf_counter() - started
         model_name = args.model or args.gguf_file or DEFAULT_MODEL
         corpus_name = f"{args.corpus}: {len(texts)} of {total} documents"
-        print(format_report(result, model_name=model_name, corpus_name=corpus_name, seconds=seconds))
-        result.update(model=model_name, corpus=args.corpus, seconds=seconds, max_length=args.max_length,
-                      stride=args.stride, add_start_token=not args.no_start_token)
+        start = tokenizer.convert_ids_to_tokens(settings["start_token_id"]) if settings["start_token_id"] is not None else "none"
+        windows = f"max_length={settings['max_length']},stride={settings['stride']},start_token={start}"
+        print(format_report(result, model_name=model_name, corpus_name=corpus_name, seconds=seconds, windows=windows))
+        result.update(model=model_name, corpus=args.corpus, seconds=seconds, dtype=str(next(model.parameters()).dtype),
+                      settings=settings)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=2)
@@ -99,7 +107,7 @@ def main(argv=None):
                                      dataset_type=args.card_dataset_type or args.corpus,
                                      dataset_name=args.card_dataset_name or args.corpus,
                                      dataset_split=args.split if args.corpus != DEFAULT_CORPUS else None,
-                                     dataset_config=args.dataset_config)
+                                     dataset_config=args.dataset_config, metric_config=windows)
             print(f"Model card updated: {path}")
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -151,7 +151,7 @@ def score_texts(
     padding_side=None,
     progress=True,
 ):
-    """Score texts with a causal LM; yield `{"predictions", "references"}` batches for the metric.
+    """Score texts with a causal LM: an iterator of `{"predictions", "references"}` batches for the metric.
 
     `predictions[i]` is the log-probability (float, nats) of each target token of text i and
     `references[i]` the target ids, in input order, so `metric.add_batch(**batch)` takes them.
@@ -166,9 +166,10 @@ def score_texts(
         add_start_token: prepend BOS/EOS so the first token is scored.
         max_length: most input tokens per window (default and maximum: the model's context).
         stride: tokens a window advances (default `max_length`, i.e. disjoint windows).
-        max_batch_tokens: most padded tokens per forward pass (default
-            `batch_size * min(max_length, 256)`), which bounds the logits' memory
-            (tokens x vocab floats); a window longer than that still runs, alone.
+        max_batch_tokens: most padded tokens per forward pass (default `batch_size * 64`
+            on CPU, `batch_size * min(max_length, 256)` elsewhere), which bounds the logits'
+            memory (tokens x vocab floats); a longer window still runs, alone, and needs
+            max_length x vocab floats for its logits.
         padding_side: "left" or "right" (default: the tokenizer's); results do not depend on it.
         progress: show a tqdm bar (on terminals) counting scored tokens.
 
@@ -176,6 +177,24 @@ def score_texts(
         ValueError: bad `max_length`/`stride`/`batch_size`, a text that is empty or has no
             token to score, no start token available.
         TypeError: a text that is not a string.
+    """
+    settings = resolve_settings(model, tokenizer, batch_size=batch_size, add_start_token=add_start_token,
+                                max_length=max_length, stride=stride, max_batch_tokens=max_batch_tokens,
+                                padding_side=padding_side)
+    if isinstance(texts, str):
+        raise TypeError("Expected `texts` to be a list of strings, but got a single string; wrap it in a list.")
+    if not hasattr(texts, "__iter__"):
+        raise TypeError(f"Expected `texts` to be a list of strings, but got {type(texts).__name__}.")
+    return _score_stream(model, tokenizer, texts, settings, progress)  # checks above run now, not at the first next()
+
+
+def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, max_length=None, stride=None,
+                     max_batch_tokens=None, padding_side=None):
+    """The scoring settings `score_texts` will use, checked, with defaults filled in.
+
+    Returns a dict with `max_length`, `stride`, `batch_size`, `max_batch_tokens`,
+    `padding_side` and `start_token_id` (None without a start token): what to report
+    next to a number so that it can be reproduced.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"Expected `model` to be a loaded causal LM (a torch.nn.Module), but got {type(model).__name__}; "
@@ -194,20 +213,28 @@ def score_texts(
         raise ValueError(f"Expected `stride` to be an int in [1, max_length={max_length}], but got {stride}.")
     _check_int(batch_size, "batch_size", minimum=1)
     if max_batch_tokens is None:
-        max_batch_tokens = batch_size * min(max_length, 256)
+        # CPU forward passes gain nothing from batches past ~1k tokens, while the logits grow
+        per_window = 64 if _input_device(model).type == "cpu" else min(max_length, 256)
+        max_batch_tokens = batch_size * per_window
     _check_int(max_batch_tokens, "max_batch_tokens", minimum=1)
     padding_side = padding_side or getattr(tokenizer, "padding_side", "right")
     if padding_side not in ("left", "right"):
         raise ValueError(f"Expected `padding_side` 'left' or 'right', but got {padding_side!r}.")
-    if isinstance(texts, str):
-        raise TypeError("Expected `texts` to be a list of strings, but got a single string; wrap it in a list.")
-    if not hasattr(texts, "__iter__"):
-        raise TypeError(f"Expected `texts` to be a list of strings, but got {type(texts).__name__}.")
-    start_id = start_token_id(tokenizer) if add_start_token else None
+    return {
+        "max_length": max_length,
+        "stride": stride,
+        "batch_size": batch_size,
+        "max_batch_tokens": max_batch_tokens,
+        "padding_side": padding_side,
+        "start_token_id": start_token_id(tokenizer) if add_start_token else None,
+    }
+
+
+def _score_stream(model, tokenizer, texts, settings, progress):
+    start_id = settings["start_token_id"]
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     device = _input_device(model)
-
     was_training = model.training
     model.eval()
     bar = tqdm(total=0, unit="tok", desc="scoring", disable=None if progress else True)
@@ -221,8 +248,8 @@ def score_texts(
             bar.total += sum(len(s) - 1 for s in sequences)
             bar.refresh()
             with torch.inference_mode():
-                yield _score_chunk(model, sequences, max_length, stride, batch_size, max_batch_tokens,
-                                   pad_id, padding_side == "left", device, keeps_logits, bar)
+                batch = _score_chunk(model, sequences, offset, settings, pad_id, device, keeps_logits, bar)
+            yield batch  # outside inference mode: the caller's loop body must not run in it
     finally:
         bar.close()
         model.train(was_training)
@@ -243,11 +270,18 @@ def _tokenize(tokenizer, texts, offset, start_id):
     return sequences
 
 
-def _score_chunk(model, sequences, max_length, stride, batch_size, max_batch_tokens, pad_id, left_pad, device, keeps_logits, bar):
-    windows = [(t, *w) for t, seq in enumerate(sequences) for w in plan_windows(len(seq), max_length, stride)]
+def _score_chunk(model, sequences, offset, settings, pad_id, device, keeps_logits, bar):
+    windows = [(t, *w) for t, seq in enumerate(sequences)
+               for w in plan_windows(len(seq), settings["max_length"], settings["stride"])]
     pieces = [None] * len(windows)
-    for batch in pack_batches([stop - start for _, start, stop, _ in windows], batch_size, max_batch_tokens):
-        scored = _score_batch(model, sequences, [windows[i] for i in batch], pad_id, left_pad, device, keeps_logits)
+    lengths = [stop - start for _, start, stop, _ in windows]
+    for batch in pack_batches(lengths, settings["batch_size"], settings["max_batch_tokens"]):
+        try:
+            scored = _score_batch(model, sequences, [windows[i] for i in batch], pad_id,
+                                  settings["padding_side"] == "left", device, keeps_logits)
+        except ValueError as err:  # name the texts, not the batch's rows
+            texts = sorted({offset + windows[i][0] for i in batch})
+            raise ValueError(f"Scoring `texts` {texts} failed (with float16, try bfloat16 or float32): {err}") from None
         for i, logprobs in zip(batch, scored):
             pieces[i] = logprobs
         bar.update(sum(len(x) for x in scored))
@@ -268,6 +302,10 @@ def evaluate_texts(model, tokenizer, texts, *, bootstrap_resamples=1000, **runne
     `word_perplexity`, `byte_perplexity`, `bits_per_byte` and `num_documents`.
     """
     texts = list(texts) if hasattr(texts, "__iter__") and not isinstance(texts, str) else texts  # else score_texts says why
+    for i, text in enumerate(texts if isinstance(texts, list) else []):  # fail before hours of scoring, not after
+        if not isinstance(text, str) or not text:
+            raise (TypeError if not isinstance(text, str) else ValueError)(
+                f"Expected `texts[{i}]` to be a non-empty string, but got {text!r:.40}.")
     nll_sums, counts = nll_per_text(model, tokenizer, texts, **runner_kwargs)
     return pool_texts(nll_sums, counts, texts, bootstrap_resamples=bootstrap_resamples)
 

@@ -320,3 +320,11 @@ def test_browser_computes_perplexity(served_app, smol, text_metric):
             page.get_by_text("this Space scores at most 400").first.wait_for(timeout=30_000)
         finally:
             browser.close()
+
+
+def test_window_settings_that_multiply_the_work_are_refused(tiny):
+    model, tokenizer = tiny
+    text = "word " * 200
+    with pytest.raises(gr.Error, match="raise `stride`"):
+        app.check_work(text, model, tokenizer, max_length=64, stride=1, add_start_token=True)
+    app.check_work(text, model, tokenizer, max_length=64, stride=16, add_start_token=True)  # 4x: allowed

@@ -116,3 +116,14 @@ def test_bad_metric_choice_refused_and_card_untouched(tmp_path):
     with pytest.raises(ValueError, match="finite"):
         update_model_card(path, {"perplexity": math.nan}, dataset_split="test", **WHERE)
     assert path.read_text(encoding="utf-8") == before
+
+
+def test_entries_with_other_window_settings_are_kept_beside(tmp_path):
+    card = tmp_path / "README.md"
+    for config, value in [("max_length=1024,stride=1024", 20.0), ("max_length=1024,stride=512", 18.0),
+                          ("max_length=1024,stride=1024", 19.0)]:
+        update_model_card(card, {"perplexity": value}, model_name="m", dataset_type="wikitext",
+                          dataset_name="WikiText-2", metric_config=config)
+    results = ModelCard.load(card).data.eval_results
+    assert sorted((r.metric_config, r.metric_value) for r in results) == [
+        ("max_length=1024,stride=1024", 19.0), ("max_length=1024,stride=512", 18.0)]

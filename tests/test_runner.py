@@ -266,3 +266,30 @@ def test_tokenizer_without_start_token(tiny):
         list(score_texts(model, bare, TEXTS, progress=False))
     preds, _ = collect(score_texts(model, bare, TEXTS[:2], add_start_token=False, max_length=32, progress=False))
     assert len(preds[0]) == len(bare(TEXTS[0])["input_ids"]) - 1
+
+
+def test_checks_run_at_call_time_and_the_loop_body_is_not_in_inference_mode(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="stride"):
+        score_texts(model, tokenizer, TEXTS, max_length=8, stride=9)  # no next() needed
+    for _ in score_texts(model, tokenizer, TEXTS, max_length=32, progress=False):
+        assert not torch.is_inference_mode_enabled()
+
+
+def test_non_finite_model_output_names_the_texts(tiny):
+    import copy
+
+    model, tokenizer = tiny
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.transformer.h[0].attn.c_attn.weight.fill_(math.nan)
+    with pytest.raises(ValueError, match=r"Scoring `texts` \[0, 1\] failed"):
+        list(score_texts(broken, tokenizer, TEXTS[:2], max_length=32, progress=False))
+
+
+def test_resolved_settings_are_reported(tiny):
+    model, tokenizer = tiny
+    settings = ppl_runner.resolve_settings(model, tokenizer, max_length=32)
+    assert settings == {"max_length": 32, "stride": 32, "batch_size": 16, "max_batch_tokens": 16 * 64,
+                        "padding_side": "right", "start_token_id": 0}
+    assert ppl_runner.resolve_settings(model, tokenizer, add_start_token=False)["max_length"] == 256  # the context

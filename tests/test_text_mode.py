@@ -3,11 +3,13 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import evaluate
 import pytest
+import torch
 
 from conftest import ROOT
 from ppl_runner import evaluate_texts, score_texts
@@ -114,3 +116,40 @@ def test_cli_errors_are_one_line(tmp_path, tiny, args, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_text_mode_refuses_arguments_it_would_ignore(text_metric, tiny):
+    model, tokenizer = tiny
+    with pytest.raises(TypeError, match="model_id"):
+        text_metric.compute(predictions=TEXTS, model=model, tokenizer=tokenizer, model_id="gpt2")
+    with pytest.raises(TypeError, match="ignore_index"):
+        text_metric.compute(predictions=TEXTS, model=model, tokenizer=tokenizer, ignore_index=0)
+
+
+def test_device_and_dtype_spellings():
+    from ppl_sources import resolve_device, resolve_dtype
+
+    assert resolve_device("gpu") == "cuda"  # evaluate's perplexity metric spells it so
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_dtype("auto") is None and resolve_dtype(None) is None  # float32 on CPU
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+
+
+README_CORPUS = "772124d64e4beed4"  # the first 16 pydoc topics of Python 3.11.7, which the README's report used
+
+
+@pytest.mark.slow
+def test_readme_main_job_numbers(smol):
+    from ppl_dist import corpus_fingerprint
+    from ppl_sources import default_corpus
+
+    texts = default_corpus()[:16]
+    if corpus_fingerprint(texts) != README_CORPUS:
+        pytest.skip("this Python's pydoc topics differ from those the README's report was made with")
+    result = evaluate_texts(*smol, texts, progress=False)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for label, key in [("Perplexity", "perplexity"), ("NLL", "nll"), ("Word perplexity", "word_perplexity"),
+                       ("Bits per byte", "bits_per_byte"), ("Mean per-doc ppl", "mean_perplexity")]:
+        shown = float(re.search(rf"^{label} +([0-9.]+)", readme, re.M).group(1))
+        assert round(result[key], 4) == shown, label
+    assert f"{result['num_tokens']:,}" in readme
