@@ -128,7 +128,7 @@ def load_model(model_id=None, *, gguf_file=None, device=None, dtype=None, trust_
 def _use_document_start(tokenizer):
     """The SmolLM2-Instruct tokenizers name the chat template's <|im_start|> as BOS, which
     costs the first token ~19 nats on plain text; start documents as pretraining did."""
-    if tokenizer.convert_tokens_to_ids(_DOCUMENT_START) != tokenizer.unk_token_id:
+    if _DOCUMENT_START in tokenizer.get_vocab():  # (the GGUF's unk token is <|endoftext|> itself)
         tokenizer.bos_token = _DOCUMENT_START
 
 

@@ -17,8 +17,10 @@ quiet and the busy machine are measured.
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,8 +89,10 @@ def measure_cross_entropy(preds, target):
 def measure_metric(preds, target):
     import evaluate
 
-    # A private cache dir and experiment id: other runs on the machine never share its file.
-    metric = evaluate.load(METRIC_PATH, cache_dir=tempfile.mkdtemp(prefix="bench_metric_"), experiment_id=uuid.uuid4().hex)
+    # A private cache dir (removed at exit) and experiment id: no other run shares its file.
+    cache_dir = tempfile.mkdtemp(prefix="bench_metric_")
+    atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+    metric = evaluate.load(METRIC_PATH, cache_dir=cache_dir, experiment_id=uuid.uuid4().hex)
 
     def run():
         metric.add_batch(predictions=preds, references=target)

@@ -170,7 +170,9 @@ _TEXT_MODE_WORKER = textwrap.dedent("""
     metric = evaluate.load(script, "text", experiment_id="rank" + os.environ["RANK"])
     result = metric.compute(predictions=read_corpus(corpus_file), model=model, tokenizer=tokenizer, distributed=True,
                             distributed_timeout=60, batch_size=1, bootstrap_resamples=200, progress=False)
-    print(json.dumps({"rank": int(os.environ["RANK"]), "texts_seen": len(seen), "result": result}))
+    # one write(2) of under 4 KB: the ranks share stdout, and the launcher may unbuffer it,
+    # which lets print's separate newline interleave with the other rank's line
+    os.write(1, (json.dumps({"rank": int(os.environ["RANK"]), "texts_seen": len(seen), "result": result}) + "\n").encode())
 """)
 
 
