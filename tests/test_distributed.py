@@ -172,7 +172,7 @@ _TEXT_MODE_WORKER = textwrap.dedent("""
                             distributed_timeout=60, batch_size=1, bootstrap_resamples=200, progress=False)
     # one write(2) of under 4 KB: the ranks share stdout, and the launcher may unbuffer it,
     # which lets print's separate newline interleave with the other rank's line
-    os.write(1, (json.dumps({"rank": int(os.environ["RANK"]), "texts_seen": len(seen), "result": result}) + "\n").encode())
+    os.write(1, (json.dumps({"rank": int(os.environ["RANK"]), "texts_seen": len(seen), "result": result}) + "\\n").encode())
 """)
 
 

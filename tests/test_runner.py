@@ -293,3 +293,21 @@ def test_resolved_settings_are_reported(tiny):
     assert settings == {"max_length": 32, "stride": 32, "batch_size": 16, "max_batch_tokens": 16 * 64,
                         "padding_side": "right", "start_token_id": 0}
     assert ppl_runner.resolve_settings(model, tokenizer, add_start_token=False)["max_length"] == 256  # the context
+
+
+@pytest.mark.slow
+def test_real_text_real_model(smol, wikitext_paragraphs):
+    """WikiText-2 paragraphs (from ../shared; skipped where absent): a long one scored in strided
+    windows equals the plain loop, and the rolling windows equal lm-evaluation-harness's."""
+    model, tokenizer = smol
+    long = next(p for p in wikitext_paragraphs if 300 < len(tokenizer(p)["input_ids"]) < 400)
+    docs = [wikitext_paragraphs[1], long, wikitext_paragraphs[3]]
+    preds, _ = collect(score_texts(model, tokenizer, docs, max_length=128, stride=96, progress=False))
+    for doc, logprobs in zip(docs, preds):
+        expected = reference_logprobs(model, tokenizer, doc, max_length=128, stride=96)
+        assert logprobs == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    expected = lm_eval_metrics(model, tokenizer, docs, max_length=128)
+    result = evaluate_texts(model, tokenizer, docs, max_length=128, progress=False)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-4), key
+    assert 5 < result["perplexity"] < 200  # real English under a real model
