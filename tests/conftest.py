@@ -1,18 +1,38 @@
 """Shared fixtures: a tiny random GPT-2 with a small BPE tokenizer (built offline in about a
 second), the real embedded SmolLM2-135M, and WikiText-2 where ../shared has it."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"
+
+
+def reference_ppl(preds, target, ignore_index=None):
+    """The five-line reference: exp of the mean cross-entropy, all in float64."""
+    ignore = -100 if ignore_index is None else ignore_index  # None: no target equals -100 in the tests
+    logits = preds.double().reshape(-1, preds.shape[-1])
+    return torch.exp(F.cross_entropy(logits, target.reshape(-1), ignore_index=ignore)).item()
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """Tiny ops on 2 OpenMP threads cost ~10 ms each when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def build_tiny_tokenizer():

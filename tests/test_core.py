@@ -1,7 +1,6 @@
 """The torch core (`ppl_core`, re-exported by `perplexity_metric`) against independent references:
 torchmetrics 1.9.0 and a five-line float64 `exp(cross_entropy)`."""
 
-import contextlib
 import json
 import math
 import os
@@ -18,17 +17,11 @@ from hypothesis import strategies as st
 from torchmetrics.functional.text import perplexity as tm_perplexity
 from torchmetrics.text import Perplexity as TMPerplexity
 
+from conftest import one_intra_op_thread, reference_ppl
 from perplexity_metric import Perplexity, perplexity
 from ppl_core import bootstrap_interval, summarize, target_nll
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def reference_ppl(preds, target, ignore_index=None):
-    """exp of the mean cross-entropy, all in float64."""
-    logits = preds.double().reshape(-1, preds.shape[-1])
-    ignore = -100 if ignore_index is None else ignore_index  # None: no target equals -100 here
-    return torch.exp(F.cross_entropy(logits, target.reshape(-1), ignore_index=ignore)).item()
 
 
 def seed_example():
@@ -47,17 +40,6 @@ def random_batch(shape, seed=0, scale=3.0, dtype=torch.float32, ignore_index=Non
         target.view(-1)[2::3] = ignore_index
         target[0, 0] = 1 if ignore_index == 0 else 0  # at least one scored token
     return preds, target
-
-
-@contextlib.contextmanager
-def one_intra_op_thread():
-    """Tiny ops on 2 OpenMP threads cost ~10 ms each when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def assert_unchanged(before, after):

@@ -1,7 +1,6 @@
 """The `evaluate` metric (`perplexity_metric.py`): loading offline, input forms and routes,
 result values, batch-split invariance, what reaches the Arrow cache, bad input."""
 
-import contextlib
 import copy
 import json
 import math
@@ -16,20 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import one_intra_op_thread, reference_ppl
 from ppl_core import perplexity, target_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_PATH = str(ROOT / "perplexity_metric.py")
-
-
-def reference_ppl(preds, target, ignore_index=-100):
-    """exp of the mean cross-entropy, all in float64."""
-    logits = preds.double().reshape(-1, preds.shape[-1])
-    return torch.exp(F.cross_entropy(logits, target.reshape(-1), ignore_index=ignore_index)).item()
 
 
 def full_batch(seed=0, batch=3, seq_len=6, vocab=11):
@@ -39,17 +32,6 @@ def full_batch(seed=0, batch=3, seq_len=6, vocab=11):
     target = torch.randint(vocab, (batch, seq_len), generator=gen)
     target[1, seq_len - 2 :] = -100
     return preds, target
-
-
-@contextlib.contextmanager
-def one_intra_op_thread():
-    """Tiny ops on 2 OpenMP threads cost ~10 ms each when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def assert_same_result(result, expected, rel=1e-9):
@@ -229,8 +211,8 @@ def test_mixed_routes_and_forms_in_one_run(new_metric, expected):
 def test_result_equals_the_core_and_the_float64_reference(expected):
     preds, target = full_batch()
     assert expected["perplexity"] == pytest.approx(perplexity(preds, target, -100).item(), rel=1e-9)
-    assert expected["perplexity"] == pytest.approx(reference_ppl(preds, target), rel=1e-5)
-    per_example = [reference_ppl(preds[i : i + 1], target[i : i + 1]) for i in range(3)]
+    assert expected["perplexity"] == pytest.approx(reference_ppl(preds, target, -100), rel=1e-5)
+    per_example = [reference_ppl(preds[i : i + 1], target[i : i + 1], -100) for i in range(3)]
     assert expected["perplexities"] == pytest.approx(per_example, rel=1e-5)
     assert expected["num_tokens"] == int((target != -100).sum()) == 16
 

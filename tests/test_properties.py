@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ppl_core
-from conftest import ROOT
+from conftest import ROOT, reference_ppl
 from ppl_core import Perplexity, perplexity, target_nll
 from ppl_runner import score_texts
 
@@ -55,14 +55,6 @@ def core_chunking(elements_per_call, threads):
     finally:
         ppl_core._ELEMENTS_PER_CALL = saved[0]
         torch.set_num_threads(saved[1])
-
-
-def reference_ppl(preds, target, ignore_index):
-    """float64 exp(mean cross-entropy) over the targets not equal to `ignore_index` (nan if none)."""
-    ignore = -100 if ignore_index is None else ignore_index  # None: no target is -100 here
-    return torch.exp(
-        F.cross_entropy(preds.double().flatten(0, 1), target.flatten(), ignore_index=ignore, reduction="mean")
-    ).item()
 
 
 def random_batch(seed, shape, *, scale=3.0, ignore_index=None, ignore_fraction=0.3, dtype=torch.float32, shifted=False):

@@ -202,22 +202,22 @@ def lm_eval_metrics(model, tokenizer, docs, max_length):
     }
 
 
-def test_lm_eval_parity_tiny(tiny):
-    model, tokenizer = tiny
-    expected = lm_eval_metrics(model, tokenizer, TEXTS, max_length=16)
-    result = evaluate_texts(model, tokenizer, TEXTS, max_length=16, batch_size=4, progress=False)
+def assert_lm_eval_parity(model, tokenizer, docs, max_length, **runner_kwargs):
+    expected = lm_eval_metrics(model, tokenizer, docs, max_length=max_length)
+    result = evaluate_texts(model, tokenizer, docs, max_length=max_length, progress=False, **runner_kwargs)
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, rel=1e-4), key
+    return result
+
+
+def test_lm_eval_parity_tiny(tiny):
+    assert_lm_eval_parity(*tiny, TEXTS, max_length=16, batch_size=4)
 
 
 @pytest.mark.slow
 def test_lm_eval_parity_real_model(smol):
-    model, tokenizer = smol
     docs = ["Perplexity measures how well a language model predicts a text.", TEXTS[1]]
-    expected = lm_eval_metrics(model, tokenizer, docs, max_length=48)
-    result = evaluate_texts(model, tokenizer, docs, max_length=48, batch_size=8, progress=False)
-    for key, value in expected.items():
-        assert result[key] == pytest.approx(value, rel=1e-4), key
+    assert_lm_eval_parity(*smol, docs, max_length=48, batch_size=8)
 
 
 @pytest.mark.slow
@@ -306,8 +306,5 @@ def test_real_text_real_model(smol, wikitext_paragraphs):
     for doc, logprobs in zip(docs, preds):
         expected = reference_logprobs(model, tokenizer, doc, max_length=128, stride=96)
         assert logprobs == pytest.approx(expected, rel=1e-4, abs=1e-4)
-    expected = lm_eval_metrics(model, tokenizer, docs, max_length=128)
-    result = evaluate_texts(model, tokenizer, docs, max_length=128, progress=False)
-    for key, value in expected.items():
-        assert result[key] == pytest.approx(value, rel=1e-4), key
+    result = assert_lm_eval_parity(model, tokenizer, docs, max_length=128)
     assert 5 < result["perplexity"] < 200  # real English under a real model
