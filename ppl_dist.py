@@ -27,7 +27,6 @@ mpirun. `--multi_gpu` runs through torchrun and, on a machine without GPUs, uses
 """
 
 import argparse
-import collections.abc
 import contextlib
 import datetime
 import hashlib
@@ -43,9 +42,9 @@ import torch
 import torch.distributed as dist
 
 if __package__:
-    from .ppl_runner import evaluate_texts, nll_per_text, pool_texts
+    from .ppl_runner import check_texts, evaluate_texts, nll_per_text, pool_texts
 else:
-    from ppl_runner import evaluate_texts, nll_per_text, pool_texts
+    from ppl_runner import check_texts, evaluate_texts, nll_per_text, pool_texts
 
 __all__ = ["DistributedScoringError", "distributed_session", "score_corpus_distributed", "setup_distributed", "shard_indices"]
 
@@ -102,24 +101,6 @@ def corpus_fingerprint(texts):
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------
-# Per-rank scoring
-# ---------------------------------------------------------------------------------------
-
-
-def _as_text_list(texts):
-    """`texts` as a new list (the caller's object is left alone), checked: strings, at least one."""
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, collections.abc.Iterable):
-        raise TypeError(f"Expected `texts` to be a list of strings, but got {type(texts).__name__}.")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("Expected at least one text in `texts`, but got none.")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"Expected `texts[{i}]` to be a string, but got {type(text).__name__}.")
-    return texts
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,7 +304,7 @@ def score_corpus_distributed(
         ValueError, TypeError: bad input. A bad text raises on the rank that scored it and
             on rank 0 (on every rank with `all_ranks`), naming the rank and the text's index.
     """
-    texts = _as_text_list(texts)  # same data on every rank, so every rank raises the same error here
+    texts = check_texts(texts)  # same data on every rank, so every rank raises the same error here
     timeout = _as_timedelta(timeout)
     ctx = setup_distributed(timeout=timeout, backend=backend)
     if ctx["world_size"] == 1:

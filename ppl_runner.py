@@ -7,6 +7,7 @@ sorted by length and packed into batches under a token budget, so padding stays 
 memory is bounded by one batch; results are reassembled per text, in input order.
 """
 
+import collections.abc
 import inspect
 import itertools
 import math
@@ -301,13 +302,25 @@ def evaluate_texts(model, tokenizer, texts, *, bootstrap_resamples=1000, **runne
     `perplexities`, `mean_perplexity`, `perplexity_ci`) plus lm-evaluation-harness's
     `word_perplexity`, `byte_perplexity`, `bits_per_byte` and `num_documents`.
     """
-    texts = list(texts) if hasattr(texts, "__iter__") and not isinstance(texts, str) else texts  # else score_texts says why
-    for i, text in enumerate(texts if isinstance(texts, list) else []):  # fail before hours of scoring, not after
-        if not isinstance(text, str) or not text:
-            raise (TypeError if not isinstance(text, str) else ValueError)(
-                f"Expected `texts[{i}]` to be a non-empty string, but got {text!r:.40}.")
+    texts = check_texts(texts)
     nll_sums, counts = nll_per_text(model, tokenizer, texts, **runner_kwargs)
     return pool_texts(nll_sums, counts, texts, bootstrap_resamples=bootstrap_resamples)
+
+
+def check_texts(texts):
+    """`texts` as a new list (the caller's object is left alone), checked before any scoring:
+    at least one, each a non-empty string. A bad text at index 10,000 fails now, not after hours."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, collections.abc.Iterable):
+        raise TypeError(f"Expected `texts` to be a list of strings, but got {type(texts).__name__}.")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("Expected at least one text in `texts`, but got none.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"Expected `texts[{i}]` to be a string, but got {type(text).__name__}.")
+        if not text:
+            raise ValueError(f"Expected `texts[{i}]` to have at least one token to score, but it is empty.")
+    return texts
 
 
 def nll_per_text(model, tokenizer, texts, **runner_kwargs):
