@@ -29,13 +29,13 @@ from .ppl_dist import score_corpus_distributed
 
 if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_card import update_model_card
-    from .ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_ignore_index, perplexity, summarize, target_nll
+    from .ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_ignore_index, perplexity, scored_mask, summarize, target_nll
     from .ppl_dist import distributed_session, score_corpus_distributed
     from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
 else:  # imported plainly: tests, app.py, the command line
     from ppl_card import update_model_card
-    from ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_ignore_index, perplexity, summarize, target_nll
+    from ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_ignore_index, perplexity, scored_mask, summarize, target_nll
     from ppl_dist import distributed_session, score_corpus_distributed
     from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
@@ -205,7 +205,7 @@ def to_compact(predictions, references, ignore_index):
         except (TypeError, ValueError) as err:  # name the metric's arguments, not the core's
             message = str(err).replace("`preds`", f"`predictions[{i}]`").replace("`target`", f"`references[{i}]`")
             raise type(err)(f"In example {i}: {message.replace('[batch 0, position', '[position')}") from None
-        scored = (ref != ignore_index) if ignore_index is not None else torch.ones_like(ref, dtype=torch.bool)
+        scored = scored_mask(ref, ignore_index)
         logprobs = torch.where(scored.to(logprobs.device), logprobs, 0.0)
         ref = torch.where(scored, ref.long(), _STORED_IGNORED)
         out.append((logprobs.cpu().numpy(), ref.cpu().numpy()))

@@ -16,7 +16,7 @@ from ppl_card import update_model_card
 from ppl_runner import evaluate_texts, resolve_settings
 from ppl_sources import DEFAULT_CORPUS, DEFAULT_MODEL, load_model, read_corpus
 
-DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about a minute on 2 CPU cores)
+DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about 25 s on 2 CPU cores)
 
 
 def parse_args(argv=None):
