@@ -1,6 +1,6 @@
 """The perplexity metric's Space: score a text with a language model, or run the metric on
 log-probabilities you already have. No math here: every number comes from the library
-(`ppl_runner.score_texts`, `ppl_core.summarize` / `text_metrics`, `PerplexityMetric`), so
+(`ppl_runner.score_texts` / `pool_texts`, `PerplexityMetric`), so
 the text tab gives exactly what `evaluate.load("perplexity_metric.py", "text").compute(...)`
 gives for the same text, model and options.
 
@@ -253,7 +253,7 @@ def check_work(text, model, tokenizer, max_length, stride, add_start_token):
     """Refuse window settings that would feed the model far more tokens than the text has:
     a stride of 1 re-reads up to `max_length` tokens for every token scored."""
     settings = resolve_settings(model, tokenizer, max_length=max_length, stride=stride, add_start_token=add_start_token)
-    num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+    num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + (settings["start_token_id"] is not None)
     work = sum(stop - start for start, stop, _ in plan_windows(num_tokens, settings["max_length"], settings["stride"]))
     if work > MAX_WORK_FACTOR * num_tokens:
         raise gr.Error(
