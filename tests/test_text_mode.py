@@ -148,8 +148,11 @@ def test_readme_main_job_numbers(smol):
         pytest.skip("this Python's pydoc topics differ from those the README's report was made with")
     result = evaluate_texts(*smol, texts, progress=False)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    # float32 matrix kernels differ between CPU families (AVX2, AVX-512, AMX): a fresh run moves these
+    # figures in the 5th-6th significant digit (11.644066 on an AVX2 EPYC where the README, made with
+    # AVX-512, shows 11.6442), so compare at 1e-4 relative plus half a unit of the 4th decimal printed.
     for label, key in [("Perplexity", "perplexity"), ("NLL", "nll"), ("Word perplexity", "word_perplexity"),
                        ("Bits per byte", "bits_per_byte"), ("Mean per-doc ppl", "mean_perplexity")]:
         shown = float(re.search(rf"^{label} +([0-9.]+)", readme, re.M).group(1))
-        assert round(result[key], 4) == shown, label
+        assert result[key] == pytest.approx(shown, rel=1e-4, abs=5e-5), label
     assert f"{result['num_tokens']:,}" in readme
