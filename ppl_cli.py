@@ -14,7 +14,8 @@ import time
 
 from ppl_card import update_model_card
 from ppl_runner import evaluate_texts, resolve_settings
-from ppl_sources import DEFAULT_CORPUS, DEFAULT_MODEL, load_model, read_corpus
+from ppl_corpus import DEFAULT_CORPUS, read_corpus
+from ppl_sources import DEFAULT_MODEL, load_model
 
 DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about 25 s on 2 CPU cores)
 

@@ -450,9 +450,11 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     if __package__:
-        from .ppl_sources import load_model, read_corpus
+        from .ppl_corpus import read_corpus
+        from .ppl_sources import load_model
     else:
-        from ppl_sources import load_model, read_corpus
+        from ppl_corpus import read_corpus
+        from ppl_sources import load_model
     rank = os.environ.get("RANK", "0")
     try:
         texts = read_corpus(args.corpus, text_field=args.text_field)

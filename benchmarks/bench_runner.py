@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def corpus(n, copies=1):
     """The first `n` paragraphs, `copies` times over (a larger corpus with the same longest text)."""
-    from ppl_sources import split_paragraphs
+    from ppl_corpus import split_paragraphs
 
     return split_paragraphs(WIKITEXT.read_text(encoding="utf-8"))[:n] * copies
 

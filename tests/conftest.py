@@ -41,7 +41,7 @@ def build_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ppl_sources import default_corpus
+    from ppl_corpus import default_corpus
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,6 +79,6 @@ def smol():
 def wikitext_paragraphs():
     if not WIKITEXT.is_file():
         pytest.skip("../shared/data/wikitext-2 is absent (it is not part of the repository)")
-    from ppl_sources import split_paragraphs
+    from ppl_corpus import split_paragraphs
 
     return split_paragraphs(WIKITEXT.read_text(encoding="utf-8"))

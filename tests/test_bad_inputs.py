@@ -29,7 +29,8 @@ import ppl_cli
 from conftest import ROOT
 from ppl_core import Perplexity, perplexity, target_nll
 from ppl_runner import evaluate_texts, score_texts
-from ppl_sources import load_model, read_corpus
+from ppl_corpus import read_corpus
+from ppl_sources import load_model
 
 METRIC_PATH = str(ROOT / "perplexity_metric.py")
 TEXTS = ["The cat sat on the mat.", "Perplexity is the exponential of the mean negative log-likelihood.", "Short."]

@@ -70,7 +70,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus():
-    from ppl_sources import default_corpus
+    from ppl_corpus import default_corpus
 
     return [text[: 120 + 37 * i] for i, text in enumerate(default_corpus()[30:42])]  # 12 texts, varied lengths
 
@@ -158,7 +158,8 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, corpus_file, one_process
 # sees, which shows that the texts were sharded, not scored twice.
 _TEXT_MODE_WORKER = textwrap.dedent("""
     import json, os, sys, evaluate
-    from ppl_sources import load_model, read_corpus
+    from ppl_corpus import read_corpus
+    from ppl_sources import load_model
     script, model_dir, corpus_file = sys.argv[1:]
     model, tokenizer = load_model(model_dir, device="cpu")
     seen = []

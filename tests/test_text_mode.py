@@ -141,7 +141,7 @@ README_CORPUS = "772124d64e4beed4"  # the first 16 pydoc topics of Python 3.11.7
 @pytest.mark.slow
 def test_readme_main_job_numbers(smol):
     from ppl_dist import corpus_fingerprint
-    from ppl_sources import default_corpus
+    from ppl_corpus import default_corpus
 
     texts = default_corpus()[:16]
     if corpus_fingerprint(texts) != README_CORPUS:
