@@ -43,9 +43,22 @@ def _check_target(target, name="target", ignore_index=None):
         )
 
 
+def check_int(value, name, minimum=None):
+    """Refuse anything but an int (a bool is not one) and, with `minimum`, an int below it.
+
+    Raises:
+        TypeError: `value` is not an int, e.g. "Expected `batch_size` to be an int, but got 2.5."
+        ValueError: `value` < `minimum`, e.g. "Expected `max_length` to be an int >= 1, but got 0."
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int, but got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, but got {value}.")
+
+
 def check_ignore_index(ignore_index):
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
+    if ignore_index is not None:
+        check_int(ignore_index, "ignore_index")
 
 
 def check_full_inputs(preds, target, ignore_index=None):
@@ -331,10 +344,7 @@ def bootstrap_interval(nll_sums, counts, *, resamples=1000, seed=0, level=0.95):
 
 
 def check_bootstrap_resamples(value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected `bootstrap_resamples` to be a positive int, but got {value!r}.")
-    if value < 1:
-        raise ValueError(f"Expected `bootstrap_resamples` to be a positive int, but got {value}.")
+    check_int(value, "bootstrap_resamples", minimum=1)
 
 
 def summarize(nll_sums, counts, *, bootstrap_resamples=1000, seed=0):
@@ -376,8 +386,21 @@ def text_metrics(total_nll, texts):
     Words are `len(re.split(r"\\s+", text))` per text and bytes its UTF-8 length; the
     NLL is the same total that token perplexity uses, so only the unit changes.
     """
-    words = sum(len(re.split(r"\s+", text)) for text in texts)
-    num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    counts = [text_units(text) for text in texts]
+    return unit_metrics(total_nll, sum(w for w, _ in counts), sum(b for _, b in counts))
+
+
+def text_units(text):
+    """(words, UTF-8 bytes) of one text, as lm-evaluation-harness counts them.
+
+    >>> text_units(" = Title = \\n")
+    (5, 12)
+    """
+    return len(re.split(r"\s+", text)), len(text.encode("utf-8"))
+
+
+def unit_metrics(total_nll, words, num_bytes):
+    """`text_metrics` from the corpus's word and byte counts."""
     return {
         "word_perplexity": _exp(total_nll / words),
         "byte_perplexity": _exp(total_nll / num_bytes),

@@ -1,12 +1,33 @@
-"""Where texts come from: the default English text, text / JSON Lines / JSON / Parquet / CSV
-files, `datasets` data sets. No math here."""
+"""Where texts come from, streamed: the default English text, text files (paragraphs, or
+WikiText documents), JSON Lines / JSON / Parquet / CSV files, `datasets` data sets.
 
+`iter_documents` yields `Document(index, id, text)` as it reads; nothing here holds a whole
+corpus in memory (but `.json`, a single JSON value, and the built-in default). `index` is a
+document's position in the corpus, the same whatever process reads it, so that shards
+(`rank`, `world_size`), `limit` and resumed runs all agree on which document is which.
+No math here.
+"""
+
+import csv
+import hashlib
+import itertools
 import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_CORPUS = "pydoc"  # the standard library's own documentation topics: real English on every Python
+TEXT_SUFFIXES = {".txt", ".md", ".tokens", ".raw"}
+FILE_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".parquet", ".csv"}
+# A WikiText article title: " = Title = " (one "=" each side; " = = Section = = " is a section)
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+class Document(NamedTuple):
+    index: int  # position in the corpus (0-based), whoever reads it
+    id: str  # the --id-field value as a string, else str(index)
+    text: object  # as read: a string, or None/other for a bad row (the scorer says what is wrong)
 
 
 def default_corpus():
@@ -22,79 +43,249 @@ def split_paragraphs(text):
 
 
 def read_corpus(source=None, *, text_field="text", split="test", config=None):
-    """Texts to score.
+    """All non-empty texts of a corpus, as a list (for small corpora; `iter_documents` streams).
 
     Args:
         source: None or "pydoc" for the default corpus; a path to a `.txt` / `.md` file
-            (blank-line-separated paragraphs), `.jsonl` (one object per line, `text_field`),
-            `.json` (a list of strings or of objects), `.parquet` or `.csv` (column
-            `text_field`); otherwise a `datasets` data set name (Hub, online).
+            (blank-line-separated paragraphs; WikiText-style files: one document per article),
+            `.jsonl` (one object per line, `text_field`), `.json` (a list of strings or of
+            objects), `.parquet` or `.csv` (column `text_field`); a local data folder or a
+            `datasets` data set name (Hub, online).
         text_field: the column or key holding the text.
         split, config: for `datasets` data sets.
 
     Raises:
         ValueError: a missing or unreadable file, a missing field, a corpus with no text.
     """
-    if source in (None, DEFAULT_CORPUS):
-        return default_corpus()
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"Expected `source` to be a file path or a data set name, but got {type(source).__name__}.")
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if suffix in {".txt", ".md", ".tokens", ".raw", ".jsonl", ".json", ".parquet", ".csv"} or path.exists():
-        if not path.is_file():
-            raise ValueError(f"Corpus file not found: {source}")
-        texts = _read_file(path, suffix, text_field)
-    else:
-        texts = _read_dataset(source, text_field, split, config)
-    texts = [t for t in texts if t.strip()]
+    texts = []
+    for doc in iter_documents(source, text_field=text_field, split=split, config=config):
+        if doc.text is None or (isinstance(doc.text, str) and not doc.text.strip()):
+            continue
+        if not isinstance(doc.text, str):
+            raise ValueError(f"Could not read corpus {str(source)!r}: item {doc.index} has no string field {text_field!r}")
+        texts.append(doc.text)
     if not texts:
         raise ValueError(f"The corpus {source!r} holds no text.")
     return texts
 
 
-def _read_file(path, suffix, text_field):
+def corpus_kind(source):
+    """"pydoc", "file" or "dataset" (a `datasets` name or a local data folder); checks the type."""
+    if source in (None, DEFAULT_CORPUS):
+        return "pydoc"
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"Expected `source` to be a file path or a data set name, but got {type(source).__name__}.")
+    path = Path(source)
+    if path.suffix.lower() in FILE_SUFFIXES or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"Corpus file not found: {source}")
+        return "file"
+    return "dataset"
+
+
+def iter_documents(source=None, *, text_field="text", id_field=None, split="test", config=None, limit=None,
+                   rank=0, world_size=1):
+    """Stream a corpus as `Document(index, id, text)`, reading only what is asked for.
+
+    Args:
+        source, text_field, split, config: as for `read_corpus`.
+        id_field: a column or key carried along as the document's id (default: its index).
+        limit: read documents 0..limit-1 only (None or 0: all); the reader stops there.
+        rank, world_size: yield only this process's share: documents with
+            `index % world_size == rank`; for Parquet, whole row groups `g % world_size == rank`
+            (each rank then reads only its own row groups).
+
+    Yields documents in index order. Empty texts are yielded too (the caller skips them), so
+    that every reader of the corpus numbers documents the same way.
+
+    Raises:
+        ValueError: a missing or unreadable file, a missing field or column.
+    """
+    kind = corpus_kind(source)
+    limit = limit or None
+    if kind == "pydoc":
+        rows = ((None, text) for text in default_corpus())
+        return _select(rows, limit, rank, world_size)
+    if kind == "dataset":
+        return _select(_dataset_rows(source, text_field, id_field, split, config), limit, rank, world_size)
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet_documents(path, text_field, id_field, limit, rank, world_size)
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
+    if suffix in readers:
+        return _select(readers[suffix](path, text_field, id_field), limit, rank, world_size, path=path)
+    return _select(((None, text) for text in _text_file_documents(path)), limit, rank, world_size, path=path)
+
+
+def _select(rows, limit, rank, world_size, path=None):
+    """Number `(id, text)` rows, stop at `limit`, keep this rank's share. Rows are parsed lazily:
+    a row that is a callable is called only when it is this rank's."""
     try:
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return [_field(row, text_field, path, i) for i, row in enumerate(rows)]
-        if suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(rows, list):
-                raise ValueError("expected a JSON list of strings or objects")
-            return [_field(row, text_field, path, i) for i, row in enumerate(rows)]
-        if suffix in (".parquet", ".csv"):
-            import datasets
-
-            from datasets.exceptions import DatasetGenerationError
-
-            try:
-                data = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-            except DatasetGenerationError as err:  # an empty or malformed file; the cause says which
-                raise ValueError(f"{err}: {err.__cause__}" if err.__cause__ else str(err)) from None
-            if text_field not in data.column_names:
-                raise ValueError(f"no column {text_field!r} (columns: {data.column_names})")
-            return [t or "" for t in data[text_field]]
-        return split_paragraphs(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as err:
+        for index, (doc_id, text) in enumerate(itertools.islice(rows, limit)):
+            if index % world_size == rank:
+                if callable(text):  # JSON Lines: parse only our own lines
+                    doc_id, text = text()
+                yield Document(index, str(index) if doc_id is None else str(doc_id), text)
+    except (ValueError, csv.Error, OSError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if str(err).startswith("Could not read corpus"):
+            raise
         raise ValueError(f"Could not read corpus {str(path)!r}: {err}") from None
 
 
-def _field(row, text_field, path, i):
-    if isinstance(row, str):
-        return row
-    if isinstance(row, dict) and isinstance(row.get(text_field), str):
-        return row[text_field]
-    raise ValueError(f"item {i} has no string field {text_field!r}")
+# ---------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------
 
 
-def _read_dataset(name, text_field, split, config):
+def _text_file_documents(path):
+    """WikiText-style files (the first non-blank line is an article title " = Title = "):
+    one document per article, as lm-evaluation-harness's `wikitext` task reads them (the
+    title line and every line up to the next title, joined by newlines, exactly as in the
+    file). Other text files: blank-line-separated paragraphs, stripped."""
+    with open(path, encoding="utf-8") as f:
+        lines = iter(f)
+        head = []
+        for line in lines:
+            head.append(line)
+            if line.strip():
+                break
+        lines = itertools.chain(head, lines)
+        if head and _WIKITEXT_TITLE.match(head[-1].rstrip("\n")):
+            yield from _wikitext_articles(lines)
+        else:
+            yield from _paragraphs(lines)
+
+
+def _wikitext_articles(lines):
+    article = []
+    for line in lines:
+        if _WIKITEXT_TITLE.match(line.rstrip("\n")) and article:
+            text = "".join(article)
+            if text.strip():  # the blank lines before the first title are no article
+                yield text[:-1] if text.endswith("\n") else text  # the newline before a title separates
+            article = []
+        article.append(line)
+    text = "".join(article)
+    if text.strip():
+        yield text
+
+
+def _paragraphs(lines):
+    paragraph = []
+    for line in itertools.chain(lines, [""]):
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "".join(paragraph).strip()
+            paragraph = []
+
+
+def _json_row(row, text_field, id_field, i):
+    """(id, text) of one JSON item: a string, or an object with a string `text_field`."""
+    if isinstance(row, str) and id_field is None:
+        return None, row
+    if not (isinstance(row, dict) and isinstance(row.get(text_field), str)):
+        raise ValueError(f"item {i} has no string field {text_field!r}")
+    if id_field is not None and id_field not in row:
+        raise ValueError(f"item {i} has no field {id_field!r} (the --id-field)")
+    return (row[id_field] if id_field else None), row[text_field]
+
+
+def _jsonl_rows(path, text_field, id_field):
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(line for line in f if line.strip()):
+            yield None, (lambda line=line, i=i: _json_row(json.loads(line), text_field, id_field, i))
+
+
+def _json_rows(path, text_field, id_field):
+    rows = json.loads(path.read_text(encoding="utf-8"))  # one JSON value: read whole
+    if not isinstance(rows, list):
+        raise ValueError(f"Could not read corpus {str(path)!r}: expected a JSON list of strings or objects")
+    for i, row in enumerate(rows):
+        yield _json_row(row, text_field, id_field, i)
+
+
+def _csv_rows(path, text_field, id_field):
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for name in (text_field, id_field):
+            if name is not None and name not in columns:
+                raise ValueError(f"Could not read corpus {str(path)!r}: no column {name!r} (columns: {columns})")
+        for row in reader:
+            yield (row[id_field] if id_field else None), row[text_field]
+
+
+def _parquet_documents(path, text_field, id_field, limit, rank, world_size):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for a bad file
+        raise ValueError(f"Could not read corpus {str(path)!r}: {err}") from None
+    columns = parquet.schema_arrow.names
+    for name in (text_field, id_field):
+        if name is not None and name not in columns:
+            raise ValueError(f"Could not read corpus {str(path)!r}: no column {name!r} (columns: {columns})")
+    wanted = [text_field] + ([id_field] if id_field and id_field != text_field else [])
+    first = 0  # index of the row group's first row
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if limit is not None and first >= limit:
+            return
+        if group % world_size == rank and rows:
+            table = parquet.read_row_group(group, columns=wanted)
+            texts = table.column(text_field).to_pylist()
+            ids = table.column(id_field).to_pylist() if id_field else [None] * len(texts)
+            for k, (doc_id, text) in enumerate(zip(ids, texts)):
+                index = first + k
+                if limit is not None and index >= limit:
+                    return
+                yield Document(index, str(index) if doc_id is None else str(doc_id), text)
+        first += rows
+
+
+def _dataset_rows(name, text_field, id_field, split, config):
+    """A `datasets` data set (a Hub name, or a local folder of data files), streamed."""
     import datasets
 
     try:
-        data = datasets.load_dataset(name, config, split=split)
+        data = datasets.load_dataset(str(name), config, split=split, streaming=True)
+        columns = data.column_names or list(data.features or {})
     except Exception as err:  # datasets raises many kinds; the user needs one line
-        raise ValueError(f"Could not load corpus {name!r}: not a file, and `datasets` failed: {str(err).splitlines()[0]}") from None
-    if text_field not in data.column_names:
-        raise ValueError(f"The data set {name!r} has no column {text_field!r} (columns: {data.column_names}).")
-    return [t or "" for t in data[text_field]]
+        raise ValueError(f"Could not load corpus {str(name)!r}: not a file, and `datasets` failed: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    for field in (text_field, id_field):
+        if field is not None and columns and field not in columns:
+            raise ValueError(f"The data set {str(name)!r} has no column {field!r} (columns: {columns}).")
+    for row in data:
+        yield (row.get(id_field) if id_field else None), row.get(text_field)
+
+
+# ---------------------------------------------------------------------------------------
+# Fingerprints: is this the corpus a resumed run started on?
+# ---------------------------------------------------------------------------------------
+
+
+def corpus_fingerprint(source, *, text_field="text", id_field=None, split="test", config=None):
+    """A short digest that changes when the corpus or how it is read changes.
+
+    Files: size plus the first and last MiB (reading a multi-GB file whole to resume would
+    cost minutes); the default corpus: its texts; `datasets`: name, config and split.
+    """
+    digest = hashlib.sha256(json.dumps([text_field, id_field]).encode())
+    kind = corpus_kind(source)
+    if kind == "pydoc":
+        for text in default_corpus():
+            digest.update(text.encode("utf-8", "surrogatepass"))
+    elif kind == "dataset":
+        digest.update(json.dumps([str(source), config, split]).encode())
+    else:
+        size = os.path.getsize(source)
+        digest.update(str(size).encode())
+        with open(source, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]

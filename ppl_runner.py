@@ -9,18 +9,21 @@ memory is bounded by one batch; results are reassembled per text, in input order
 
 import collections.abc
 import inspect
-import itertools
 import math
+import re
 
 import torch
 from tqdm.auto import tqdm
 
 if __package__:
-    from .ppl_core import summarize, target_nll, text_metrics
+    from .ppl_core import summarize, target_nll, text_units, unit_metrics
 else:
-    from ppl_core import summarize, target_nll, text_metrics
+    from ppl_core import summarize, target_nll, text_units, unit_metrics
 
 TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
+# A chunk also ends past this many characters (~16k tokens: well under a minute on a CPU), so
+# per-document results arrive, and can be saved, at least that often.
+CHARS_PER_CHUNK = 64_000
 
 
 def _check_int(value, name, minimum):
@@ -240,20 +243,31 @@ def _score_stream(model, tokenizer, texts, settings, progress):
     model.eval()
     bar = tqdm(total=0, unit="tok", desc="scoring", disable=None if progress else True)
     try:
-        texts = iter(texts)
-        for offset in itertools.count(0, TEXTS_PER_CHUNK):
-            chunk = list(itertools.islice(texts, TEXTS_PER_CHUNK))
-            if not chunk:
-                break
+        offset = 0
+        for chunk in _chunks(texts):
             sequences = _tokenize(tokenizer, chunk, offset, start_id)
             bar.total += sum(len(s) - 1 for s in sequences)
             bar.refresh()
             with torch.inference_mode():
                 batch = _score_chunk(model, sequences, offset, settings, pad_id, device, keeps_logits, bar)
+            offset += len(chunk)
             yield batch  # outside inference mode: the caller's loop body must not run in it
     finally:
         bar.close()
         model.train(was_training)
+
+
+def _chunks(texts):
+    """Lists of at most TEXTS_PER_CHUNK texts, ending early once past CHARS_PER_CHUNK characters."""
+    chunk, chars = [], 0
+    for text in texts:
+        chunk.append(text)
+        chars += len(text) if isinstance(text, str) else 0
+        if len(chunk) == TEXTS_PER_CHUNK or chars >= CHARS_PER_CHUNK:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
 
 
 def _tokenize(tokenizer, texts, offset, start_id):
@@ -295,16 +309,72 @@ def _score_chunk(model, sequences, offset, settings, pad_id, device, keeps_logit
     }
 
 
-def evaluate_texts(model, tokenizer, texts, *, bootstrap_resamples=1000, **runner_kwargs):
-    """The metric's text-mode result for `texts`: `score_texts` pooled by the core.
+def score_documents(model, tokenizer, documents, **runner_kwargs):
+    """Per-document results, streamed: `score_texts` over `(index, id, text)` triples.
+
+    Yields a list of rows per chunk of texts (as soon as that chunk is scored), each a dict
+    with `index` and `id` as given, `num_tokens` (scored tokens), `nll` (their summed
+    negative log-likelihood in nats, summed exactly in float64), `perplexity`, and
+    lm-evaluation-harness's `num_words` and `num_bytes`. This is the one scorer behind text
+    mode, the command line's `--docs-out`, and every multi-process route.
+
+    Raises:
+        TypeError, ValueError: a text that is not a string, is empty, or has no token to
+            score; the message names the document's index and id.
+    """
+    pending = collections.deque()  # documents handed to score_texts whose rows are not out yet
+
+    def texts():
+        for index, doc_id, text in documents:
+            if not isinstance(text, str):
+                raise TypeError(f"Expected {_label(index, doc_id)} to be a string, but got {type(text).__name__}.")
+            if not text:
+                raise ValueError(f"Expected {_label(index, doc_id)} to have at least one token to score, but it is empty.")
+            pending.append((index, doc_id, text))
+            yield text
+
+    stream = score_texts(model, tokenizer, texts(), **runner_kwargs)
+    consumed = 0
+    while True:
+        try:
+            batch = next(stream)
+        except StopIteration:
+            return
+        except ValueError as err:  # `texts[k]` counts the stream: name the document instead
+            def name(match):
+                return _label(*pending[int(match.group(1)) - consumed][:2])
+            raise ValueError(re.sub(r"`texts\[(\d+)\]`", name, str(err))) from None
+        rows = []
+        for logprobs in batch["predictions"]:
+            index, doc_id, text = pending.popleft()
+            nll, count = -math.fsum(logprobs), len(logprobs)
+            words, num_bytes = text_units(text)
+            rows.append({"index": index, "id": doc_id, "num_tokens": count, "nll": nll,
+                         "perplexity": math.exp(nll / count), "num_words": words, "num_bytes": num_bytes})
+        consumed += len(rows)
+        yield rows
+
+
+def _label(index, doc_id):
+    """How errors name a document: by corpus index and id, or (id None) as an item of `texts`."""
+    return f"`texts[{index}]`" if doc_id is None else f"document {index} (id {doc_id!r})"
+
+
+def evaluate_texts(model, tokenizer, texts, *, bootstrap_resamples=1000, seed=0, **runner_kwargs):
+    """The metric's text-mode result for `texts`: `score_documents` pooled by the core.
 
     Returns the core's keys (`perplexity`, `nll`, `bits_per_token`, `num_tokens`,
     `perplexities`, `mean_perplexity`, `perplexity_ci`) plus lm-evaluation-harness's
-    `word_perplexity`, `byte_perplexity`, `bits_per_byte` and `num_documents`.
+    `word_perplexity`, `byte_perplexity`, `bits_per_byte` and `num_documents`; `seed` seeds
+    the bootstrap.
     """
     texts = check_texts(texts)
-    nll_sums, counts = nll_per_text(model, tokenizer, texts, **runner_kwargs)
-    return pool_texts(nll_sums, counts, texts, bootstrap_resamples=bootstrap_resamples)
+    rows = [row for part in score_documents(model, tokenizer, _numbered(texts), **runner_kwargs) for row in part]
+    return pool_rows(rows, bootstrap_resamples=bootstrap_resamples, seed=seed)
+
+
+def _numbered(texts):
+    return ((i, None, text) for i, text in enumerate(texts))
 
 
 def check_texts(texts):
@@ -325,19 +395,36 @@ def check_texts(texts):
 
 def nll_per_text(model, tokenizer, texts, **runner_kwargs):
     """Per-text NLL sums (summed exactly with fsum) and scored-token counts, in input order."""
-    nll_sums, counts = [], []
-    for batch in score_texts(model, tokenizer, texts, **runner_kwargs):
-        for logprobs in batch["predictions"]:
-            nll_sums.append(-math.fsum(logprobs))
-            counts.append(len(logprobs))
-    return nll_sums, counts
+    rows = [row for part in score_documents(model, tokenizer, _numbered(texts), **runner_kwargs) for row in part]
+    return [row["nll"] for row in rows], [row["num_tokens"] for row in rows]
 
 
-def pool_texts(nll_sums, counts, texts, *, bootstrap_resamples=1000):
+def pool_rows(rows, *, bootstrap_resamples=1000, seed=0):
+    """The corpus result from per-document rows (dicts with `index`, `nll`, `num_tokens`,
+    `num_words`, `num_bytes`), in index order whatever order they come in: the result of
+    one process, however the documents were split between processes, runs or chunks.
+
+    Raises:
+        ValueError: no rows, or a document index that appears twice.
+    """
+    rows = sorted(rows, key=lambda row: row["index"])
+    if not rows:
+        raise ValueError("Expected at least one scored document, but got none.")
+    for a, b in zip(rows, rows[1:]):
+        if a["index"] == b["index"]:
+            raise ValueError(f"Document {a['index']} was scored twice (ids {a['id']!r}, {b['id']!r}).")
+    nll_sums = [row["nll"] for row in rows]
+    result = summarize(nll_sums, [row["num_tokens"] for row in rows], bootstrap_resamples=bootstrap_resamples, seed=seed)
+    result.update(unit_metrics(math.fsum(nll_sums), sum(row["num_words"] for row in rows),
+                               sum(row["num_bytes"] for row in rows)))
+    result["num_documents"] = len(rows)
+    return result
+
+
+def pool_texts(nll_sums, counts, texts, *, bootstrap_resamples=1000, seed=0):
     """The metric's text-mode result from per-text NLL sums and scored-token counts."""
     if not nll_sums:
         raise ValueError("Expected at least one text in `texts`, but got none.")
-    result = summarize(nll_sums, counts, bootstrap_resamples=bootstrap_resamples)
-    result.update(text_metrics(math.fsum(nll_sums), texts))
-    result["num_documents"] = len(texts)
-    return result
+    rows = [{"index": i, "id": None, "nll": nll, "num_tokens": count, **dict(zip(("num_words", "num_bytes"), text_units(text)))}
+            for i, (nll, count, text) in enumerate(zip(nll_sums, counts, texts))]
+    return pool_rows(rows, bootstrap_resamples=bootstrap_resamples, seed=seed)
