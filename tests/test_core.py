@@ -1,6 +1,7 @@
 """The torch core (`ppl_core`, re-exported by `perplexity_metric`) against independent references:
 torchmetrics 1.9.0 and a five-line float64 `exp(cross_entropy)`."""
 
+import datetime
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from torchmetrics.text import Perplexity as TMPerplexity
 
 from conftest import one_intra_op_thread, reference_ppl
 from perplexity_metric import Perplexity, perplexity
-from ppl_core import bootstrap_interval, summarize, target_nll
+from ppl_core import bootstrap_interval, check_int, summarize, target_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,6 +183,31 @@ def test_compute_with_nothing_added_raises():
     metric.reset()
     with pytest.raises(ValueError, match="No token was scored"):
         metric.compute()
+
+
+def _sync_worker(rank, world_size, init_file, out_dir):
+    """One rank of a real gloo group: adds only its own batch, writes compute(sync=...) values."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        metric = Perplexity(ignore_index=-100)
+        metric.update(*random_batch((2, 7, 11), seed=rank, ignore_index=-100))
+        values = {"synced": metric.compute(sync=True).item(), "local": metric.compute(sync=False).item()}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(values))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_compute_syncs_the_sums_over_a_real_two_process_gloo_group(tmp_path):
+    torch.multiprocessing.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    batches = [random_batch((2, 7, 11), seed=rank, ignore_index=-100) for rank in range(2)]
+    everything = reference_ppl(*(torch.cat(parts) for parts in zip(*batches)), -100)
+    for rank in range(2):
+        values = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert values["synced"] == pytest.approx(everything, rel=1e-6)  # what one process sees over all the data
+        assert values["local"] == pytest.approx(reference_ppl(*batches[rank], -100), rel=1e-6)
+    assert reference_ppl(*batches[0], -100) != pytest.approx(everything, rel=1e-3)  # the sync is what joins them
 
 
 @settings(max_examples=300, deadline=None)
@@ -395,3 +421,22 @@ def test_text_metrics_overflow_to_inf_not_an_exception():
 
     result = text_metrics(5000.0, ["一二三四五六七八九十" * 50])  # one "word", thousands of nats
     assert result["word_perplexity"] == math.inf and math.isfinite(result["byte_perplexity"])
+
+
+@pytest.mark.parametrize("value, minimum, error, message", [
+    (2.0, None, TypeError, "Expected `batch_size` to be an int, but got 2.0."),
+    (True, None, TypeError, "Expected `batch_size` to be an int, but got True."),
+    ("8", 1, TypeError, "Expected `batch_size` to be an int, but got '8'."),
+    (None, 1, TypeError, "Expected `batch_size` to be an int, but got None."),
+    (0, 1, ValueError, "Expected `batch_size` to be an int >= 1, but got 0."),
+    (-3, 0, ValueError, "Expected `batch_size` to be an int >= 0, but got -3."),
+])
+def test_check_int_names_the_argument(value, minimum, error, message):
+    with pytest.raises(error) as raised:
+        check_int(value, "batch_size", minimum=minimum)
+    assert str(raised.value) == message
+
+
+def test_check_int_accepts_ints_at_and_above_the_minimum():
+    assert check_int(1, "max_length", minimum=1) is None
+    assert check_int(-5, "ignore_index") is None  # no minimum: any int
