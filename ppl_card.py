@@ -17,11 +17,6 @@ _CARD_METRICS = {
 }
 
 
-def _same_entry(a, b):
-    keys = ("task_type", "dataset_type", "dataset_name", "dataset_config", "dataset_split", "metric_type", "metric_config")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
-
-
 def update_model_card(
     path,
     results,
@@ -38,13 +33,14 @@ def update_model_card(
     """Record perplexity results in the model card at `path` (a README.md or its folder).
 
     Creates the card if it is missing; keeps its other metadata and its text; replaces an
-    existing entry for the same model task, data set (type, name, config, split) and
-    metric instead of adding a duplicate.
+    existing entry that differs only in its value (`EvalResult.is_equal_except_value`: same
+    task, data set, split, metric and `metric_config`) instead of adding a duplicate.
 
     Args:
         path: the card file, or a folder (its README.md).
         results: the metric's result dict (`perplexity`, optionally `word_perplexity`, ...).
-        model_name: the model-index name.
+        model_name: the model-index name; `ppl_sources.model_name(model_id, gguf_file)` names
+            what `load_model` loaded.
         dataset_type, dataset_name, dataset_split, dataset_config: which data set was scored.
         metrics: which result keys to record (default: those of `perplexity`,
             `word_perplexity`, `byte_perplexity`, `bits_per_byte` present in `results`).
@@ -89,7 +85,7 @@ def update_model_card(
     else:
         card = ModelCard(f"---\n{{}}\n---\n\n# {model_name}\n")  # "{}": an empty metadata block that parses
     data = card.data
-    kept = [old for old in (data.eval_results or []) if not any(_same_entry(old, n) for n in new)]
+    kept = [old for old in (data.eval_results or []) if not any(n.is_equal_except_value(old) for n in new)]
     data.eval_results = kept + new
     data.model_name = model_name
     path.parent.mkdir(parents=True, exist_ok=True)
