@@ -24,6 +24,7 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from perplexity_metric import PerplexityMetric
 from ppl_runner import plan_windows, pool_texts, resolve_settings, score_texts
@@ -35,7 +36,6 @@ DEFAULT_MAX_JSON_CHARS = 2_000_000
 DEFAULT_CONCURRENCY = 2
 DEFAULT_QUEUE_SIZE = 64
 MAX_WORK_FACTOR = 8  # most model input tokens per text token one request may ask for (stride >= max_length / 8)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 # Per-token colours: the surprisal (NLL, nats) of each token, in four bands.
 SURPRISAL_BANDS = [(1.0, "< 1 nat"), (3.0, "1-3 nats"), (6.0, "3-6 nats"), (math.inf, ">= 6 nats")]
@@ -74,15 +74,20 @@ def _env_int(name, default):
 def allowed_models(spec=None):
     """Hub ids the UI may load besides the default, from `spec` or $PERPLEXITY_APP_MODELS.
 
-    Entries that are not Hub ids (`name` or `owner/name`) or that name a local path are
-    refused, so the UI can never be pointed at files on the server.
+    Entries that are not Hub ids (`name` or `owner/name`, as `huggingface_hub` validates
+    them) or that name a local path are refused, so the UI can never be pointed at files on
+    the server.
     """
     spec = os.environ.get("PERPLEXITY_APP_MODELS", "") if spec is None else spec
     ids = []
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
             continue
-        if not _HUB_ID.match(entry) or ".." in entry or os.path.exists(entry):
+        try:
+            validate_repo_id(entry)
+        except HFValidationError as err:
+            raise ValueError(f"PERPLEXITY_APP_MODELS: not a Hub model id (owner/name): {err}") from None
+        if os.path.exists(entry):
             raise ValueError(f"PERPLEXITY_APP_MODELS: {entry!r} is not a Hub model id (owner/name); local paths are not allowed.")
         if entry not in ids:
             ids.append(entry)

@@ -109,7 +109,7 @@ def test_models_allow_list(tiny, tmp_path, monkeypatch):
     assert app.allowed_models(" a/b, c ,a/b,, ") == ["a/b", "c"]
     monkeypatch.setenv("PERPLEXITY_APP_MODELS", "HuggingFaceTB/SmolLM2-360M")
     assert app.allowed_models() == ["HuggingFaceTB/SmolLM2-360M"]
-    for bad in [str(tmp_path), "/etc", "../x", "a/b/c", "https://huggingface.co/gpt2"]:
+    for bad in [str(tmp_path), "/etc", "../x", "a/b/c", "https://huggingface.co/gpt2", "owner/na--me", "owner/m.git", "x" * 97]:
         with pytest.raises(ValueError, match="not a Hub model id"):
             app.allowed_models(bad)
 
