@@ -28,7 +28,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from perplexity_metric import PerplexityMetric
 from ppl_runner import plan_windows, pool_texts, resolve_settings, score_texts
-from ppl_sources import DEFAULT_MODEL, load_model
+from ppl_sources import DEFAULT_MODEL, load_model, model_name
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MAX_CHARS = 20_000
@@ -120,7 +120,7 @@ class Models:
         if (model is None) != (tokenizer is None):
             raise ValueError("Expected `model` and `tokenizer` together, or neither.")
         self._default = (model, tokenizer) if model is not None else None
-        self.default_label = default_label or (f"{DEFAULT_MODEL} (embedded)" if model is None else _model_label(model))
+        self.default_label = default_label or (default_model_label() if model is None else _model_label(model))
         self.allowed = list(allowed)
         self._lock = threading.Lock()
 
@@ -143,6 +143,12 @@ class Models:
                 return load_model(choice)
             except ValueError as err:
                 raise gr.Error(str(err)) from None
+
+
+def default_model_label():
+    """The dropdown's name for what `load_model()` loads: the embedded GGUF, or the Hub fallback."""
+    name = model_name()
+    return f"{name} (embedded)" if name == DEFAULT_MODEL else f"{name} (default)"
 
 
 def _model_label(model):
@@ -355,7 +361,7 @@ def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_j
     label = None
     if model is None and tokenizer is None:
         model, tokenizer = load_model()
-        label = f"{DEFAULT_MODEL} (embedded)"
+        label = default_model_label()
     allowed = allowed_models() if models is None else allowed_models(",".join(models))
     registry = Models(model, tokenizer, allowed=allowed, default_label=label)
     max_chars = max_chars or _env_int("PERPLEXITY_APP_MAX_CHARS", DEFAULT_MAX_CHARS)

