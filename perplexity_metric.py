@@ -29,13 +29,13 @@ from .ppl_dist import score_corpus_distributed
 
 if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_card import update_model_card
-    from .ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_ignore_index, perplexity, scored_mask, summarize, target_nll
+    from .ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
     from .ppl_dist import distributed_session, score_corpus_distributed
     from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
 else:  # imported plainly: tests, app.py, the command line
     from ppl_card import update_model_card
-    from ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_ignore_index, perplexity, scored_mask, summarize, target_nll
+    from ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
     from ppl_dist import distributed_session, score_corpus_distributed
     from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
@@ -78,7 +78,8 @@ Args (default configuration):
     references: per example, `[seq_len]` integer target ids.
     ignore_index (int, default -100, also settable in `evaluate.load`): targets equal to
         it do not count (padding, prompt tokens).
-    bootstrap_resamples (int, default 1000): resamples for `perplexity_ci`.
+    bootstrap_resamples (int, default 1000): resamples for `perplexity_ci`; the bootstrap
+        draws with `evaluate.load(..., seed=...)`'s seed, 0 when none is given.
 
 Args ("text" configuration):
     predictions: list of texts.
@@ -233,9 +234,15 @@ class PerplexityMetric(evaluate.Metric):
             raise ValueError(f"Expected config_name 'default' or 'text', but got {config_name!r}.")
         check_ignore_index(ignore_index)
         check_bootstrap_resamples(bootstrap_resamples)
+        seed = kwargs.get("seed")
+        if seed is not None:
+            check_int(seed, "seed", minimum=0)
         super().__init__(config_name=config_name or "default", **kwargs)
         self.ignore_index = ignore_index
         self.bootstrap_resamples = bootstrap_resamples
+        # evaluate draws a random `self.seed` when none is given; the bootstrap keeps seed 0 then
+        self.bootstrap_seed = 0 if seed is None else seed
+        self._seed_given = seed is not None
 
     @property
     def text_mode(self):
@@ -324,7 +331,7 @@ class PerplexityMetric(evaluate.Metric):
                 mask &= ref != ignore_index
             nll_sums.append(-math.fsum(np.asarray(logprobs, dtype=np.float64)[mask]))
             counts.append(int(mask.sum()))
-        return summarize(nll_sums, counts, bootstrap_resamples=resamples)
+        return summarize(nll_sums, counts, bootstrap_resamples=resamples, seed=self.bootstrap_seed)
 
     def _compute_texts(self, texts, resamples, model_id=None, model=None, tokenizer=None, gguf_file=None,
                        device=None, dtype=None, trust_remote_code=False, distributed=False, distributed_timeout=1800,
@@ -338,6 +345,8 @@ class PerplexityMetric(evaluate.Metric):
         if model is not None and any(v is not None for v in loading.values()):
             given = sorted(k for k, v in loading.items() if v is not None)
             raise TypeError(f"{given} would be ignored with a loaded `model`: pass either `model`/`tokenizer` or the loading options.")
+        if self._seed_given:  # the runner's and ppl_dist's bootstrap take `seed` (0 when not passed)
+            runner_kwargs["seed"] = self.bootstrap_seed
         if not distributed:
             if model is None:
                 model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
