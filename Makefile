@@ -18,11 +18,13 @@ run: $(STAMP)
 	$(PY) ppl_cli.py $(ARGS)
 
 # A real browser for the app's end-to-end test: Debian's chromium (needs root or sudo).
+# The test needs it: where it cannot be installed, `make test` stops here and says why.
 browser:
-	@command -v chromium >/dev/null || { \
+	@test -x /usr/bin/chromium || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } \
-	  || echo "chromium could not be installed: the browser test will be skipped"
+	  || { echo "chromium could not be installed; the app's browser test needs /usr/bin/chromium:" \
+	       "install Debian's package as root (apt-get install chromium), then run make test again" >&2; exit 1; }
 
 # the tests never reach the Hub: offline mode makes a missing model fail at once
 test: $(STAMP) browser

@@ -294,7 +294,8 @@ def test_python_app_py_serves_embedded_model(served_app, smol, text_metric):
 @pytest.mark.slow
 def test_browser_computes_perplexity(served_app, smol, text_metric):
     if not CHROMIUM.is_file():
-        pytest.skip("/usr/bin/chromium is absent (Debian package `chromium`; `make browser` installs it)")
+        pytest.fail("/usr/bin/chromium is absent: install Debian's package `chromium` (`make browser`, or as root "
+                    "`apt-get install chromium`); playwright cannot download its own browser here")
     from playwright.sync_api import sync_playwright
 
     text = "The cat sat on the mat, and the dog slept by the fire."
