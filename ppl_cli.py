@@ -2,20 +2,28 @@
 
     python ppl_cli.py                       # embedded SmolLM2-135M on the default corpus, offline
     python ppl_cli.py --model gpt2 --corpus notes.txt --max-length 512 --stride 256 --json out.json
+    python ppl_cli.py --corpus crawl.jsonl --docs-out scores/ [--resume]     # per-document Parquet
+    torchrun --nproc_per_node 8 ppl_cli.py --corpus crawl.parquet --docs-out scores/
 
-Every number comes from the library (`ppl_runner.evaluate_texts`); this file only parses
-arguments, reads inputs and prints.
+The corpus is streamed: each process reads only its own share (documents i with
+i mod world_size == rank; Parquet row groups g mod world_size == rank). Every number comes
+from the library (`ppl_runner.score_documents`, pooled by `ppl_runner.pool_rows`); this file
+only parses arguments, reads inputs and prints. Under torchrun or `accelerate launch` (found
+from the environment) rank 0 prints the report and writes the outputs.
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 
 from ppl_card import update_model_card
-from ppl_runner import evaluate_texts, resolve_settings
-from ppl_corpus import DEFAULT_CORPUS, read_corpus
-from ppl_sources import DEFAULT_MODEL, load_model
+from ppl_corpus import DEFAULT_CORPUS, corpus_fingerprint, corpus_kind, iter_documents
+from ppl_dist import DEFAULT_TIMEOUT, DistributedScoringError, barrier, distributed_session, gather_payloads
+from ppl_docs import PartWriter, prepare, read_rows, write_manifest
+from ppl_runner import pool_rows, resolve_settings, score_documents
+from ppl_sources import load_model, model_name
 
 DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about 25 s on 2 CPU cores)
 
@@ -23,19 +31,21 @@ DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="ppl_cli.py", description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help=f"Hub id or local folder (default: the embedded {DEFAULT_MODEL})")
+    model.add_argument("--model", help="Hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     model.add_argument("--gguf-file", help="GGUF file inside --model, or a path to a GGUF file")
-    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    model.add_argument("--device", help="cpu, cuda, cuda:1, mps or auto (default; under torchrun: cuda:LOCAL_RANK or cpu)")
     model.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, float64 or auto (default)")
     model.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
-    data = parser.add_argument_group("corpus")
+    data = parser.add_argument_group("corpus (streamed)")
     data.add_argument("--corpus", default=DEFAULT_CORPUS,
-                      help="'pydoc' (the standard library's documentation topics, default), a .txt/.md file "
-                           "(blank-line-separated paragraphs), .jsonl, .json, .parquet, .csv, or a datasets name")
+                      help="'pydoc' (the standard library's documentation topics, default), a .txt/.md/.tokens file "
+                           "(blank-line-separated paragraphs; WikiText files: one document per article), .jsonl, .json, "
+                           ".parquet, .csv, a local data folder or a datasets name")
     data.add_argument("--text-field", default="text", help="column or key holding the text (default: text)")
+    data.add_argument("--id-field", help="column or key carried to --docs-out as `id` (default: the document's index)")
     data.add_argument("--split", default="test", help="split of a datasets corpus (default: test)")
     data.add_argument("--dataset-config", help="configuration of a datasets corpus")
-    data.add_argument("--limit", type=int, help=f"score only the first N documents (default: {DEFAULT_LIMIT} "
+    data.add_argument("--limit", type=int, help=f"read only the first N documents (default: {DEFAULT_LIMIT} "
                                                 "for the default corpus, all otherwise; 0 = all)")
     run = parser.add_argument_group("scoring")
     run.add_argument("--batch-size", type=int, default=16)
@@ -44,8 +54,15 @@ def parse_args(argv=None):
     run.add_argument("--max-batch-tokens", type=int,
                      help="most padded tokens per forward pass (default: 64 per batch item on CPU, up to 256 elsewhere)")
     run.add_argument("--no-start-token", action="store_true", help="do not prepend BOS/EOS (the first token is then unscored)")
+    run.add_argument("--bootstrap-resamples", type=int, default=1000, help="resamples for the interval (default: 1000)")
+    procs = parser.add_argument_group("several processes (torchrun / accelerate launch)")
+    procs.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl when CUDA is available, else gloo")
+    procs.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
+                       help="seconds to wait for peers to join, and for the others once a rank is done (default: 1800)")
     out = parser.add_argument_group("output")
-    out.add_argument("--json", metavar="PATH", help="also write the result (with per-document perplexities) as JSON")
+    out.add_argument("--docs-out", metavar="DIR", help="write per-document results as Parquet parts while scoring")
+    out.add_argument("--resume", action="store_true", help="continue the --docs-out folder of a run that stopped")
+    out.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': to stdout, instead of the report)")
     out.add_argument("--model-card", metavar="PATH", help="record the result in this model card (README.md or its folder)")
     out.add_argument("--card-model-name", help="model-index name (default: the model's name)")
     out.add_argument("--card-dataset-name", help="data set name in the card (default: the corpus)")
@@ -54,7 +71,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def format_report(result, *, model_name, corpus_name, seconds, windows):
+def format_report(result, *, model_name, corpus_name, seconds, windows, notes=()):
     interval = result["perplexity_ci"]
     spread = f"95% CI {interval[0]:.4f} - {interval[1]:.4f}, bootstrap over documents" if interval else "one document: no interval"
     rows = [
@@ -70,6 +87,7 @@ def format_report(result, *, model_name, corpus_name, seconds, windows):
         ("Mean per-doc ppl", f"{result['mean_perplexity']:.4f}   (unweighted, as evaluate's perplexity metric)"),
         ("Tokens", f"{result['num_tokens']:,}"),
         ("Documents", f"{result['num_documents']:,}"),
+        *notes,
         ("Time", f"{seconds:.1f} s   ({result['num_tokens'] / seconds:,.0f} tokens/s)"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -78,42 +96,126 @@ def format_report(result, *, model_name, corpus_name, seconds, windows):
 
 def main(argv=None):
     args = parse_args(argv)
+    rank = os.environ.get("RANK")
     try:
-        texts = read_corpus(args.corpus, text_field=args.text_field, split=args.split, config=args.dataset_config)
-        limit = args.limit if args.limit is not None else (DEFAULT_LIMIT if args.corpus == DEFAULT_CORPUS else 0)
-        if limit < 0:
-            raise ValueError(f"Expected --limit >= 0, but got {limit}.")
-        total = len(texts)
-        texts = texts[:limit] if limit else texts
-        model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype,
-                                      trust_remote_code=args.trust_remote_code)
-        options = dict(batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
-                       max_batch_tokens=args.max_batch_tokens, add_start_token=not args.no_start_token)
-        settings = resolve_settings(model, tokenizer, **options)
-        started = time.perf_counter()
-        result = evaluate_texts(model, tokenizer, texts, progress=not args.quiet, **options)
-        seconds = time.perf_counter() - started
-        model_name = args.model or args.gguf_file or DEFAULT_MODEL
-        corpus_name = f"{args.corpus}: {len(texts)} of {total} documents"
-        start = tokenizer.convert_ids_to_tokens(settings["start_token_id"]) if settings["start_token_id"] is not None else "none"
-        windows = f"max_length={settings['max_length']},stride={settings['stride']},start_token={start}"
-        print(format_report(result, model_name=model_name, corpus_name=corpus_name, seconds=seconds, windows=windows))
-        result.update(model=model_name, corpus=args.corpus, seconds=seconds, dtype=str(next(model.parameters()).dtype),
-                      settings=settings)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
-        if args.model_card:
-            path = update_model_card(args.model_card, result, model_name=args.card_model_name or model_name,
-                                     dataset_type=args.card_dataset_type or args.corpus,
-                                     dataset_name=args.card_dataset_name or args.corpus,
-                                     dataset_split=args.split if args.corpus != DEFAULT_CORPUS else None,
-                                     dataset_config=args.dataset_config, metric_config=windows)
-            print(f"Model card updated: {path}")
-    except (ValueError, TypeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        with distributed_session(timeout=args.timeout, backend=args.backend) as ctx:
+            run(args, ctx)
+    except (DistributedScoringError, ValueError, TypeError, OSError) as err:
+        print(f"error{'' if rank is None else f' (rank {rank})'}: {err}", file=sys.stderr)
         return 2
+    if ctx["world_size"] > 1:
+        print(f"ppl_cli: rank {ctx['rank']} of {ctx['world_size']} done", file=sys.stderr)
     return 0
+
+
+def run(args, ctx):
+    """Score this rank's share, gather the rows on rank 0, pool, report. Returns the result on rank 0."""
+    rank, world_size = ctx["rank"], ctx["world_size"]
+    limit = args.limit if args.limit is not None else (DEFAULT_LIMIT if args.corpus == DEFAULT_CORPUS else 0)
+    if limit < 0:
+        raise ValueError(f"Expected --limit >= 0, but got {limit}.")
+    if args.resume and not args.docs_out:
+        raise ValueError("--resume continues a --docs-out folder: give --docs-out DIR too.")
+    corpus_kind(args.corpus)  # a missing file fails now, before the model loads
+    corpus = dict(source=args.corpus, text_field=args.text_field, id_field=args.id_field, split=args.split,
+                  config=args.dataset_config)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=args.device or ctx["device"],
+                                  dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    options = dict(batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
+                   max_batch_tokens=args.max_batch_tokens, add_start_token=not args.no_start_token)
+    settings = resolve_settings(model, tokenizer, **options)
+    name = model_name(args.model, args.gguf_file)
+    start = tokenizer.convert_ids_to_tokens(settings["start_token_id"]) if settings["start_token_id"] is not None else "none"
+    windows = f"max_length={settings['max_length']},stride={settings['stride']},start_token={start}"
+
+    done, first_part = set(), 0
+    if args.docs_out:
+        manifest = {"corpus": args.corpus if isinstance(args.corpus, str) else str(args.corpus),
+                    "corpus_fingerprint": corpus_fingerprint(**corpus), "model": name,
+                    "dtype": str(next(model.parameters()).dtype), "windows": windows}
+        done, first_part = prepare(args.docs_out, manifest, resume=args.resume)  # every rank checks before anyone writes
+        barrier(ctx, timeout=args.timeout)
+        if rank == 0:
+            write_manifest(args.docs_out, manifest)
+
+    counts = {"empty": 0, "resumed": 0}
+
+    def todo():  # this rank's documents that still need scoring
+        for doc in iter_documents(**corpus, limit=limit, rank=rank, world_size=world_size):
+            if doc.index in done:
+                counts["resumed"] += 1
+            elif doc.text is None or (isinstance(doc.text, str) and not doc.text.strip()):
+                counts["empty"] += 1
+            else:
+                yield doc
+
+    started = time.perf_counter()
+    rows, payload = [], {"rank": rank}
+    writer = PartWriter(args.docs_out, rank=rank, first_part=first_part) if args.docs_out else None
+    try:
+        for part in score_documents(model, tokenizer, todo(), progress=not args.quiet and rank == 0, **options):
+            rows.extend(part)
+            if writer:
+                writer.add(part)
+    except (ValueError, TypeError) as err:  # reported through the gather, so no rank waits for a timeout
+        if world_size == 1:
+            raise
+        payload["error"] = (type(err).__name__, str(err))
+    finally:
+        if writer:
+            writer.flush()  # what was scored is kept, also when a bad document stops the run
+    payload.update(counts=counts, rows=None if args.docs_out else rows)
+    gathered = gather_payloads(payload, ctx, timeout=args.timeout) if world_size > 1 else [payload]
+    if gathered is None:  # ranks other than 0 are done
+        return None
+    for other in gathered:
+        if "error" in other:
+            kind, message = other["error"]
+            raise (TypeError if kind == "TypeError" else ValueError)(f"On rank {other['rank']}: {message}")
+    if args.docs_out:  # the folder holds every rank's rows and those of earlier runs (with any --limit)
+        rows = [row for row in read_rows(args.docs_out).to_dict("records") if not limit or row["index"] < limit]
+    else:
+        rows = [row for other in gathered for row in other["rows"]]
+    if not rows:
+        raise ValueError(f"The corpus {args.corpus!r} holds no text" + (f" in its first {limit} documents." if limit else "."))
+    result = pool_rows(rows, bootstrap_resamples=args.bootstrap_resamples)
+    seconds = time.perf_counter() - started
+    _report(args, result, gathered, limit=limit, name=name, windows=windows, seconds=seconds, world_size=world_size)
+    result.update(model=name, corpus=args.corpus, seconds=seconds, dtype=str(next(model.parameters()).dtype),
+                  settings=settings, processes=world_size, docs_out=args.docs_out,
+                  skipped_empty=sum(o["counts"]["empty"] for o in gathered))
+    if args.docs_out:
+        del result["perplexities"]  # one per document: they are in the folder, however large the corpus
+    _write_outputs(args, result, name=name, windows=windows)
+    return result
+
+
+def _report(args, result, gathered, *, limit, name, windows, seconds, world_size):
+    empty = sum(o["counts"]["empty"] for o in gathered)
+    resumed = sum(o["counts"]["resumed"] for o in gathered)
+    corpus_name = f"{args.corpus}" + (f" (first {limit} documents)" if limit else "")
+    notes = [("Skipped", f"{empty:,} empty documents")] if empty else []
+    if args.docs_out:
+        notes.append(("Per document", f"{args.docs_out}" + (f"   ({resumed:,} scored by an earlier run)" if resumed else "")))
+    if world_size > 1:
+        notes.append(("Processes", f"{world_size}"))
+    if args.json != "-":
+        print(format_report(result, model_name=name, corpus_name=corpus_name, seconds=seconds, windows=windows, notes=notes))
+
+
+def _write_outputs(args, result, *, name, windows):
+    if args.json == "-":
+        print(json.dumps(result))
+    elif args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    if args.model_card:
+        path = update_model_card(args.model_card, result, model_name=args.card_model_name or name,
+                                 dataset_type=args.card_dataset_type or args.corpus,
+                                 dataset_name=args.card_dataset_name or args.corpus,
+                                 dataset_split=args.split if corpus_kind(args.corpus) == "dataset" else None,
+                                 dataset_config=args.dataset_config, metric_config=windows)
+        print(f"Model card updated: {path}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from typing import NamedTuple
 DEFAULT_CORPUS = "pydoc"  # the standard library's own documentation topics: real English on every Python
 TEXT_SUFFIXES = {".txt", ".md", ".tokens", ".raw"}
 FILE_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".parquet", ".csv"}
-# A WikiText article title: " = Title = " (one "=" each side; " = = Section = = " is a section)
-_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 
 
 class Document(NamedTuple):
@@ -151,16 +149,22 @@ def _text_file_documents(path):
             if line.strip():
                 break
         lines = itertools.chain(head, lines)
-        if head and _WIKITEXT_TITLE.match(head[-1].rstrip("\n")):
+        if head and _is_article_title(head[-1]):
             yield from _wikitext_articles(lines)
         else:
             yield from _paragraphs(lines)
 
 
+def _is_article_title(line):
+    """WikiText's " = Title = " (one "=" each side; " = = Section = = " is a section)."""
+    line = line.strip()
+    return line.startswith("= ") and line.endswith(" =") and not line.startswith("= =") and not line.endswith("= =")
+
+
 def _wikitext_articles(lines):
     article = []
     for line in lines:
-        if _WIKITEXT_TITLE.match(line.rstrip("\n")) and article:
+        if _is_article_title(line) and article:
             text = "".join(article)
             if text.strip():  # the blank lines before the first title are no article
                 yield text[:-1] if text.endswith("\n") else text  # the newline before a title separates

@@ -68,6 +68,15 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny GPT-2 and its tokenizer saved once, for processes that load the same weights."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    build_tiny_gpt2().save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smol():
     """(model, tokenizer): the real embedded SmolLM2-135M (converted once, then cached)."""
     from ppl_sources import load_model

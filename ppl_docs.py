@@ -1,0 +1,126 @@
+"""Per-document results on disk: a folder of Parquet parts, written as scoring goes, that a
+killed run resumes and `pandas.read_parquet(folder)` reads whole. No math here.
+
+    folder/_manifest.json                  what was scored: corpus fingerprint, model, window settings
+    folder/part-00000-rank0000.parquet     index, id, num_tokens, nll, perplexity, num_words, num_bytes
+    folder/.part-00001-rank0000.parquet.tmp   a part being written (readers skip names starting with "." or "_")
+
+A part is written under its temporary name and renamed when complete, so it is whole or
+absent; parts are cut every `flush_rows` documents or `flush_seconds`, whichever comes first,
+which bounds what a kill loses.
+"""
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+MANIFEST = "_manifest.json"
+_PART = re.compile(r"^part-(\d+)-rank(\d+)\.parquet$")
+COLUMNS = ("index", "id", "num_tokens", "nll", "perplexity", "num_words", "num_bytes")
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("index", pa.int64()), ("id", pa.string()), ("num_tokens", pa.int64()), ("nll", pa.float64()),
+                      ("perplexity", pa.float64()), ("num_words", pa.int64()), ("num_bytes", pa.int64())])
+
+
+def _parts(folder):
+    return sorted(p for p in Path(folder).iterdir() if _PART.match(p.name)) if Path(folder).is_dir() else []
+
+
+def prepare(folder, manifest, *, resume):
+    """Check `folder` before anything is scored; read what a resumed run has done already.
+
+    Args:
+        folder: the `--docs-out` folder.
+        manifest: a JSON-able dict of what decides the numbers (corpus fingerprint, model,
+            window settings); a resumed folder must have been written with the same.
+        resume: continue a folder that holds parts; without it a non-empty folder is an error.
+
+    Returns:
+        (indices already scored, the first free part number).
+
+    Raises:
+        ValueError: a non-empty folder without `resume`, a path that is a file, a resumed
+            folder written with other settings (each difference named).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"Expected --docs-out to be a folder, but {str(folder)!r} is a file.")
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if not entries:
+        return set(), 0
+    if not resume:
+        raise ValueError(f"The --docs-out folder {str(folder)!r} is not empty: pass --resume to continue that run, "
+                         "or give a new folder (nothing is overwritten).")
+    try:
+        saved = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"Cannot resume {str(folder)!r}: it has no readable {MANIFEST}, so it was not written "
+                         "by --docs-out.") from None
+    differ = [f"{key}: {saved.get(key)!r} there, {manifest.get(key)!r} now"
+              for key in sorted(set(saved) | set(manifest)) if saved.get(key) != manifest.get(key)]
+    if differ:
+        raise ValueError(f"Cannot resume {str(folder)!r}: it was written with other settings ({'; '.join(differ)}).")
+    for stale in folder.glob(".part-*.tmp"):  # a part a killed run was writing: never complete
+        stale.unlink(missing_ok=True)
+    parts = _parts(folder)
+    done = set(read_rows(folder, columns=["index"])["index"].tolist()) if parts else set()
+    return done, 1 + max((int(_PART.match(p.name).group(1)) for p in parts), default=-1)
+
+
+def write_manifest(folder, manifest):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def read_rows(folder, columns=None):
+    """Every complete part of a `--docs-out` folder as one pandas DataFrame, in index order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = _parts(folder)
+    if not parts:
+        return _schema().empty_table().to_pandas()[columns or list(COLUMNS)]
+    table = pa.concat_tables(pq.read_table(p, columns=columns) for p in parts)
+    return table.to_pandas().sort_values("index", kind="stable").reset_index(drop=True)
+
+
+class PartWriter:
+    """Buffers rows and writes them as parts of `folder`, named with `rank` and increasing numbers.
+
+    `flush_rows` and `flush_seconds` bound what a kill loses: the rows scored since the last part.
+    """
+
+    def __init__(self, folder, *, rank=0, first_part=0, flush_rows=256, flush_seconds=60.0):
+        self.folder, self.rank, self.part = Path(folder), rank, first_part
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self.rows, self.last_flush = [], time.monotonic()
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, rows):
+        self.rows.extend(rows)
+        if len(self.rows) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.last_flush = time.monotonic()
+        if not self.rows:
+            return
+        table = pa.Table.from_pylist([{k: row[k] for k in COLUMNS} for row in self.rows], schema=_schema())
+        name = f"part-{self.part:05d}-rank{self.rank:04d}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.folder / name)  # atomic: a reader sees the whole part or none
+        self.part += 1
+        self.rows = []
