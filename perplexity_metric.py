@@ -242,7 +242,6 @@ class PerplexityMetric(evaluate.Metric):
         self.bootstrap_resamples = bootstrap_resamples
         # evaluate draws a random `self.seed` when none is given; the bootstrap keeps seed 0 then
         self.bootstrap_seed = 0 if seed is None else seed
-        self._seed_given = seed is not None
 
     @property
     def text_mode(self):
@@ -345,8 +344,7 @@ class PerplexityMetric(evaluate.Metric):
         if model is not None and any(v is not None for v in loading.values()):
             given = sorted(k for k, v in loading.items() if v is not None)
             raise TypeError(f"{given} would be ignored with a loaded `model`: pass either `model`/`tokenizer` or the loading options.")
-        if self._seed_given:  # the runner's and ppl_dist's bootstrap take `seed` (0 when not passed)
-            runner_kwargs["seed"] = self.bootstrap_seed
+        runner_kwargs["seed"] = self.bootstrap_seed
         if not distributed:
             if model is None:
                 model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

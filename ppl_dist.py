@@ -18,20 +18,15 @@ Peers that fail are reported, never papered over:
 - a rank whose scoring raised (a bad text) -> that rank and rank 0 raise with its error,
   the text's index given in the whole corpus.
 
-Command line (rank 0 prints the result as JSON on stdout; one process when WORLD_SIZE is unset):
-    torchrun --nproc_per_node 2 -m ppl_dist --corpus texts.jsonl --model ./my-model
-    accelerate launch --multi_gpu --num_processes 2 -m ppl_dist --corpus texts.jsonl --model ./my-model
-    python -m ppl_dist --corpus texts.jsonl --model ./my-model
-(`accelerate launch --cpu --num_processes 2` starts one process: its multi-CPU mode needs
-mpirun. `--multi_gpu` runs through torchrun and, on a machine without GPUs, uses gloo.)
+The command line is `ppl_cli.py`, which detects torchrun and accelerate launch itself and
+streams each rank its share of the corpus (`python -m ppl_dist ...` is an alias of it):
+    torchrun --nproc_per_node 2 ppl_cli.py --corpus texts.jsonl --model ./my-model
 """
 
-import argparse
 import contextlib
 import datetime
 import hashlib
 import itertools
-import json
 import os
 import pickle
 import re
@@ -273,7 +268,7 @@ def _original_indices(message, indices):
 
 
 def score_corpus_distributed(
-    model, tokenizer, texts, *, timeout=DEFAULT_TIMEOUT, all_ranks=False, backend=None, bootstrap_resamples=1000,
+    model, tokenizer, texts, *, timeout=DEFAULT_TIMEOUT, all_ranks=False, backend=None, bootstrap_resamples=1000, seed=0,
     **runner_kwargs,
 ):
     """`ppl_runner.evaluate_texts` over the ranks of a torch.distributed job; rank 0 gets the result.
@@ -308,26 +303,43 @@ def score_corpus_distributed(
     timeout = _as_timedelta(timeout)
     ctx = setup_distributed(timeout=timeout, backend=backend)
     if ctx["world_size"] == 1:
-        return evaluate_texts(model, tokenizer, texts, bootstrap_resamples=bootstrap_resamples, **runner_kwargs)
+        return evaluate_texts(model, tokenizer, texts, bootstrap_resamples=bootstrap_resamples, seed=seed, **runner_kwargs)
     try:
-        return _score_and_gather(model, tokenizer, texts, ctx, timeout, all_ranks, bootstrap_resamples, runner_kwargs)
+        return _score_and_gather(model, tokenizer, texts, ctx, timeout, all_ranks, bootstrap_resamples, seed, runner_kwargs)
     finally:
         if ctx["initialized_here"]:
             dist.destroy_process_group()
 
 
-def _score_and_gather(model, tokenizer, texts, ctx, timeout, all_ranks, bootstrap_resamples, runner_kwargs):
-    rank, world_size, store = ctx["rank"], ctx["world_size"], ctx["store"]
-    call = next(_calls)
+def gather_payloads(payload, ctx, *, timeout=DEFAULT_TIMEOUT, all_ranks=False):
+    """Every rank's picklable `payload`, in rank order, on rank 0 (every rank with `all_ranks`);
+    None on the others. Dead or late peers raise `DistributedScoringError` naming them."""
+    timeout = _as_timedelta(timeout)
     # monitored_barrier exists on gloo only; with nccl a gloo group over the same ranks does it.
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        return _gather_once(payload, ctx["rank"], ctx["world_size"], ctx["store"], group, f"ppl_dist/call{next(_calls)}",
+                            timeout, all_ranks)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+
+
+def barrier(ctx, *, timeout=DEFAULT_TIMEOUT):
+    """Wait for every rank (a no-op on one process); a missing rank raises, named."""
+    if ctx["world_size"] > 1:
+        gather_payloads(None, ctx, timeout=timeout, all_ranks=True)
+
+
+def _score_and_gather(model, tokenizer, texts, ctx, timeout, all_ranks, bootstrap_resamples, seed, runner_kwargs):
+    rank, world_size = ctx["rank"], ctx["world_size"]
 
     indices = shard_indices([len(t) for t in texts], rank, world_size)
     payload = {
         "rank": rank,
         "corpus": (len(texts), corpus_fingerprint(texts)),
         # what changes the numbers must agree; `progress=(rank == 0)` is a common, harmless difference
-        "settings": repr(sorted({**runner_kwargs, "bootstrap_resamples": bootstrap_resamples, "progress": None}.items())),
+        "settings": repr(sorted({**runner_kwargs, "bootstrap_resamples": bootstrap_resamples, "seed": seed, "progress": None}.items())),
         "indices": indices,
     }
     try:
@@ -335,11 +347,7 @@ def _score_and_gather(model, tokenizer, texts, ctx, timeout, all_ranks, bootstra
     except (ValueError, TypeError) as err:  # reported through the gather, so no rank waits for a timeout
         payload["error"] = (type(err).__name__, _original_indices(str(err), indices))
 
-    try:
-        gathered = _gather_once(payload, rank, world_size, store, group, f"ppl_dist/call{call}", timeout, all_ranks)
-    finally:
-        if group is not None:
-            dist.destroy_process_group(group)
+    gathered = gather_payloads(payload, ctx, timeout=timeout, all_ranks=all_ranks)
     if gathered is None:  # a rank other than 0: it reports its own error, rank 0 reports everyone's
         gathered = [payload]
     for other in gathered:
@@ -357,7 +365,7 @@ def _score_and_gather(model, tokenizer, texts, ctx, timeout, all_ranks, bootstra
     if rank != 0 and not all_ranks:
         return None
     nll_sums, counts = merge_shards([(p["indices"], p["nll_sums"], p["counts"]) for p in gathered], len(texts))
-    return pool_texts(nll_sums, counts, texts, bootstrap_resamples=bootstrap_resamples)
+    return pool_texts(nll_sums, counts, texts, bootstrap_resamples=bootstrap_resamples, seed=seed)
 
 
 def _gather_once(payload, rank, world_size, store, group, prefix, timeout, all_ranks):
@@ -417,66 +425,17 @@ def _peer_failure(err, rank, world_size, store, key, timeout):
 
 
 # ---------------------------------------------------------------------------------------
-# Command line
+# Command line: an alias of ppl_cli.py, which detects torchrun / accelerate itself
 # ---------------------------------------------------------------------------------------
 
 
-def _parser():
-    p = argparse.ArgumentParser(
-        prog="python -m ppl_dist",
-        description="Perplexity of a corpus under a causal LM, sharded over torchrun / accelerate ranks. "
-        "Rank 0 prints the result as JSON; without WORLD_SIZE it runs as one process.",
-    )
-    p.add_argument("--corpus", help="a .txt/.md (blank-line paragraphs), .jsonl, .json, .parquet or .csv file, "
-                   "or a datasets name (default: the standard library's documentation topics)")
-    p.add_argument("--text-field", default="text", help="column or key holding the text (default: text)")
-    p.add_argument("--limit", type=int, help="score only the first N texts (default and 0: all)")
-    p.add_argument("--model", help="Hub id or local folder (default: the embedded SmolLM2-135M)")
-    p.add_argument("--gguf-file", help="GGUF file inside --model, or a path to one")
-    p.add_argument("--device", help="default: cuda:LOCAL_RANK with nccl, else cpu when distributed, else the best available")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl when CUDA is available, else gloo")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
-                   help="seconds to wait for peers to join, and for the others once a rank is done (default: 1800)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--stride", type=int)
-    p.add_argument("--no-start-token", action="store_true", help="do not prepend BOS/EOS (first tokens go unscored)")
-    p.add_argument("--bootstrap-resamples", type=int, default=1000)
-    p.add_argument("--trust-remote-code", action="store_true")
-    return p
-
-
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    """`python -m ppl_dist ARGS` runs `ppl_cli.py ARGS` (the one command line)."""
     if __package__:
-        from .ppl_corpus import read_corpus
-        from .ppl_sources import load_model
+        from .ppl_cli import main as cli_main
     else:
-        from ppl_corpus import read_corpus
-        from ppl_sources import load_model
-    rank = os.environ.get("RANK", "0")
-    try:
-        texts = read_corpus(args.corpus, text_field=args.text_field)
-        if args.limit is not None and args.limit < 0:
-            raise ValueError(f"Expected --limit >= 0, but got {args.limit}.")
-        texts = texts[: args.limit] if args.limit else texts
-        with distributed_session(timeout=args.timeout, backend=args.backend) as ctx:
-            model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=args.device or ctx["device"],
-                                          dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-            result = score_corpus_distributed(
-                model, tokenizer, texts, timeout=args.timeout, bootstrap_resamples=args.bootstrap_resamples,
-                batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
-                add_start_token=not args.no_start_token, progress=False,
-            )
-    except (DistributedScoringError, ValueError, TypeError, OSError) as err:
-        print(f"error (rank {rank}): {err}", file=sys.stderr)
-        return 2
-    if ctx["world_size"] > 1:
-        print(f"ppl_dist: rank {ctx['rank']} of {ctx['world_size']} done", file=sys.stderr)
-    if result is not None:
-        print(json.dumps(result))
-    return 0
+        from ppl_cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 if __package__:
-    from .ppl_core import summarize, target_nll, text_units, unit_metrics
+    from .ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
 else:
-    from ppl_core import summarize, target_nll, text_units, unit_metrics
+    from ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
 
 TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
 # A chunk also ends past this many characters (~16k tokens: well under a minute on a CPU), so
 # per-document results arrive, and can be saved, at least that often.
 CHARS_PER_CHUNK = 64_000
-
-
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected `{name}` to be an int, but got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, but got {value}.")
 
 
 def plan_windows(num_tokens, max_length, stride):
@@ -208,19 +201,19 @@ def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, m
     limit = context_length(model, tokenizer)
     if max_length is None:
         max_length = limit or 1024
-    _check_int(max_length, "max_length", minimum=1)
+    check_int(max_length, "max_length", minimum=1)
     if limit is not None and max_length > limit:
         raise ValueError(f"Expected `max_length` <= {limit} (the model's context length), but got {max_length}.")
     stride = max_length if stride is None else stride
-    _check_int(stride, "stride", minimum=1)
+    check_int(stride, "stride", minimum=1)
     if stride > max_length:
         raise ValueError(f"Expected `stride` to be an int in [1, max_length={max_length}], but got {stride}.")
-    _check_int(batch_size, "batch_size", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
     if max_batch_tokens is None:
         # CPU forward passes gain nothing from batches past ~1k tokens, while the logits grow
         per_window = 64 if _input_device(model).type == "cpu" else min(max_length, 256)
         max_batch_tokens = batch_size * per_window
-    _check_int(max_batch_tokens, "max_batch_tokens", minimum=1)
+    check_int(max_batch_tokens, "max_batch_tokens", minimum=1)
     padding_side = padding_side or getattr(tokenizer, "padding_side", "right")
     if padding_side not in ("left", "right"):
         raise ValueError(f"Expected `padding_side` 'left' or 'right', but got {padding_side!r}.")
