@@ -21,6 +21,7 @@ import torch
 # read by it and never executed by Python.
 _SIBLING_FILES_FOR_EVALUATE_LOAD = '''
 from .ppl_core import perplexity
+from .ppl_head import fused_head
 from .ppl_runner import score_texts
 from .ppl_sources import load_model
 from .ppl_card import update_model_card
@@ -88,7 +89,8 @@ Args ("text" configuration):
     gguf_file (str, optional): GGUF file name inside `model_id`.
     batch_size (int, default 16), add_start_token (bool, default True),
     max_length (int, default: the model's context), stride (int, default max_length),
-    device (str, optional), dtype (str, optional), trust_remote_code (bool, default False).
+    device (str, optional), dtype (str, optional), trust_remote_code (bool, default False),
+    device_map (str or dict, optional: accelerate's placement for big models, e.g. "auto").
     distributed (bool, default False): under torchrun / accelerate launch, every rank calls
         compute with the same texts, scores its shard, and returns the whole result (the
         same numbers as one process); a peer missing for `distributed_timeout` seconds
@@ -333,13 +335,13 @@ class PerplexityMetric(evaluate.Metric):
         return summarize(nll_sums, counts, bootstrap_resamples=resamples, seed=self.bootstrap_seed)
 
     def _compute_texts(self, texts, resamples, model_id=None, model=None, tokenizer=None, gguf_file=None,
-                       device=None, dtype=None, trust_remote_code=False, distributed=False, distributed_timeout=1800,
+                       device=None, dtype=None, trust_remote_code=False, device_map=None, distributed=False, distributed_timeout=1800,
                        **runner_kwargs):
         if model is not None and tokenizer is None:
             raise ValueError("Expected a `tokenizer` together with `model`.")
         if model is None and tokenizer is not None:
             raise ValueError("Expected a `model` together with `tokenizer` (or `model_id` alone).")
-        loading = {"model_id": model_id, "gguf_file": gguf_file, "device": device, "dtype": dtype,
+        loading = {"model_id": model_id, "gguf_file": gguf_file, "device": device, "dtype": dtype, "device_map": device_map,
                    "trust_remote_code": trust_remote_code or None}
         if model is not None and any(v is not None for v in loading.values()):
             given = sorted(k for k, v in loading.items() if v is not None)
@@ -347,7 +349,8 @@ class PerplexityMetric(evaluate.Metric):
         runner_kwargs["seed"] = self.bootstrap_seed
         if not distributed:
             if model is None:
-                model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype,
+                                              trust_remote_code=trust_remote_code, device_map=device_map)
             return evaluate_texts(model, tokenizer, texts, bootstrap_resamples=resamples, **runner_kwargs)
         if self.num_process != 1:
             raise ValueError(

@@ -34,7 +34,9 @@ def parse_args(argv=None):
     model.add_argument("--model", help="Hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     model.add_argument("--gguf-file", help="GGUF file inside --model, or a path to a GGUF file")
     model.add_argument("--device", help="cpu, cuda, cuda:1, mps or auto (default; under torchrun: cuda:LOCAL_RANK or cpu)")
-    model.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, float64 or auto (default)")
+    model.add_argument("--dtype", default="auto", help="float32 (default on CPU), bfloat16, float16, float64 or auto")
+    model.add_argument("--device-map", help="accelerate's placement for models larger than one device, e.g. auto "
+                                            "(instead of --device)")
     model.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
     data = parser.add_argument_group("corpus (streamed)")
     data.add_argument("--corpus", default=DEFAULT_CORPUS,
@@ -119,8 +121,8 @@ def run(args, ctx):
     corpus_kind(args.corpus)  # a missing file fails now, before the model loads
     corpus = dict(source=args.corpus, text_field=args.text_field, id_field=args.id_field, split=args.split,
                   config=args.dataset_config)
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=args.device or ctx["device"],
-                                  dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=args.device or (None if args.device_map else ctx["device"]),
+                                  dtype=args.dtype, trust_remote_code=args.trust_remote_code, device_map=args.device_map)
     options = dict(batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
                    max_batch_tokens=args.max_batch_tokens, add_start_token=not args.no_start_token)
     settings = resolve_settings(model, tokenizer, **options)
@@ -180,10 +182,10 @@ def run(args, ctx):
         raise ValueError(f"The corpus {args.corpus!r} holds no text" + (f" in its first {limit} documents." if limit else "."))
     result = pool_rows(rows, bootstrap_resamples=args.bootstrap_resamples)
     seconds = time.perf_counter() - started
-    _report(args, result, gathered, limit=limit, name=name, windows=windows, seconds=seconds, world_size=world_size)
     result.update(model=name, corpus=args.corpus, seconds=seconds, dtype=str(next(model.parameters()).dtype),
-                  settings=settings, processes=world_size, docs_out=args.docs_out,
-                  skipped_empty=sum(o["counts"]["empty"] for o in gathered))
+                  device=str(next(model.parameters()).device), settings=settings, processes=world_size,
+                  docs_out=args.docs_out, skipped_empty=sum(o["counts"]["empty"] for o in gathered))
+    _report(args, result, gathered, limit=limit, name=name, windows=windows, seconds=seconds, world_size=world_size)
     if args.docs_out:
         del result["perplexities"]  # one per document: they are in the folder, however large the corpus
     _write_outputs(args, result, name=name, windows=windows)
@@ -199,6 +201,11 @@ def _report(args, result, gathered, *, limit, name, windows, seconds, world_size
         notes.append(("Per document", f"{args.docs_out}" + (f"   ({resumed:,} scored by an earlier run)" if resumed else "")))
     if world_size > 1:
         notes.append(("Processes", f"{world_size}"))
+    settings = result.get("settings") or {}
+    if "bytes_per_token" in settings:
+        notes.append(("Batching", f"batch_size={settings['batch_size']}, max_batch_tokens={settings['max_batch_tokens']:,} "
+                                  f"({settings['bytes_per_token'] / 1024:.0f} KiB/token), head={settings['head']}, "
+                                  f"{result['dtype'].removeprefix('torch.')} on {result['device']}"))
     if args.json != "-":
         print(format_report(result, model_name=name, corpus_name=corpus_name, seconds=seconds, windows=windows, notes=notes))
 

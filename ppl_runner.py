@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 
 if __package__:
     from .ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
+    from .ppl_head import bytes_per_token, fused_head, memory_budget
 else:
     from ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
+    from ppl_head import bytes_per_token, fused_head, memory_budget
 
 TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
 # A chunk also ends past this many characters (~16k tokens: well under a minute on a CPU), so
@@ -106,7 +108,7 @@ def _input_device(model):
     return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
 
 
-def _score_batch(model, sequences, windows, pad_id, left_pad, device, keeps_logits):
+def _score_batch(model, sequences, windows, pad_id, left_pad, device, keeps_logits, head):
     """Target log-probs of one batch of windows: a list of float64 tensors, one per window."""
     lengths = [stop - start for _, start, stop, _ in windows]
     width = max(lengths)
@@ -122,16 +124,19 @@ def _score_batch(model, sequences, windows, pad_id, left_pad, device, keeps_logi
         row_labels[: n - num_scored] = -100  # context only: seen, not scored
         labels[row, cols] = row_labels
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # positions restart in each window
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "position_ids": position_ids.to(device)}
+    mask = labels != -100
+    if head is not None:  # the body once, then the head chunk by chunk over the scored positions only
+        hidden = head.hidden_states(**inputs)  # (batch, width, hidden)
+        logprobs = head.target_logprobs(hidden[mask.to(hidden.device)], labels[mask])
+        return list(logprobs.split(mask.sum(-1).tolist()))
     kwargs = {}
     if keeps_logits:  # only the trailing positions that hold a scored label need logits
-        first_scored = int((labels != -100).int().argmax(-1).min())
+        first_scored = int(mask.int().argmax(-1).min())
         kwargs["logits_to_keep"] = width - first_scored
-        labels = labels[:, first_scored:]
-    logits = model(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=position_ids.to(device), **kwargs
-    ).logits  # (batch, kept positions, vocab)
+        labels, mask = labels[:, first_scored:], mask[:, first_scored:]
+    logits = model(**inputs, **kwargs).logits  # (batch, kept positions, vocab)
     logprobs = -target_nll(logits, labels.to(logits.device), ignore_index=-100).cpu()
-    mask = labels != -100
     return [logprobs[row][mask[row]] for row in range(len(windows))]
 
 
@@ -146,6 +151,7 @@ def score_texts(
     stride=None,
     max_batch_tokens=None,
     padding_side=None,
+    head="auto",
     progress=True,
 ):
     """Score texts with a causal LM: an iterator of `{"predictions", "references"}` batches for the metric.
@@ -163,11 +169,15 @@ def score_texts(
         add_start_token: prepend BOS/EOS so the first token is scored.
         max_length: most input tokens per window (default and maximum: the model's context).
         stride: tokens a window advances (default `max_length`, i.e. disjoint windows).
-        max_batch_tokens: most padded tokens per forward pass (default `batch_size * 64`
-            on CPU, `batch_size * min(max_length, 256)` elsewhere), which bounds the logits'
-            memory (tokens x vocab floats); a longer window still runs, alone, and needs
-            max_length x vocab floats for its logits.
+        max_batch_tokens: most padded tokens per forward pass. Default: what a memory budget
+            holds (a quarter of the available RAM, or 70% of the free CUDA memory) at the
+            model's bytes per token (`ppl_head.bytes_per_token`: activations, plus a row of
+            logits without the fused head), at most `batch_size` full windows; a window
+            longer than an explicit value still runs, alone.
         padding_side: "left" or "right" (default: the tokenizer's); results do not depend on it.
+        head: "auto" runs the body once and the output layer chunk by chunk over the scored
+            positions (`ppl_head`), where a probe shows that equals the model's own logits;
+            "logits" always takes the model's own logits.
         progress: show a tqdm bar (on terminals) counting scored tokens.
 
     Raises:
@@ -177,7 +187,7 @@ def score_texts(
     """
     settings = resolve_settings(model, tokenizer, batch_size=batch_size, add_start_token=add_start_token,
                                 max_length=max_length, stride=stride, max_batch_tokens=max_batch_tokens,
-                                padding_side=padding_side)
+                                padding_side=padding_side, head=head)
     if isinstance(texts, str):
         raise TypeError("Expected `texts` to be a list of strings, but got a single string; wrap it in a list.")
     if not hasattr(texts, "__iter__"):
@@ -186,12 +196,13 @@ def score_texts(
 
 
 def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, max_length=None, stride=None,
-                     max_batch_tokens=None, padding_side=None):
+                     max_batch_tokens=None, padding_side=None, head="auto"):
     """The scoring settings `score_texts` will use, checked, with defaults filled in.
 
     Returns a dict with `max_length`, `stride`, `batch_size`, `max_batch_tokens`,
-    `padding_side` and `start_token_id` (None without a start token): what to report
-    next to a number so that it can be reproduced.
+    `padding_side`, `start_token_id` (None without a start token), `head` ("fused" or
+    "logits") and `bytes_per_token` (the budget's estimate): what to report next to a
+    number so that it can be reproduced.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"Expected `model` to be a loaded causal LM (a torch.nn.Module), but got {type(model).__name__}; "
@@ -209,10 +220,20 @@ def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, m
     if stride > max_length:
         raise ValueError(f"Expected `stride` to be an int in [1, max_length={max_length}], but got {stride}.")
     check_int(batch_size, "batch_size", minimum=1)
-    if max_batch_tokens is None:
-        # CPU forward passes gain nothing from batches past ~1k tokens, while the logits grow
-        per_window = 64 if _input_device(model).type == "cpu" else min(max_length, 256)
-        max_batch_tokens = batch_size * per_window
+    if head not in ("auto", "logits"):
+        raise ValueError(f"Expected `head` 'auto' (the fused head where it is exact) or 'logits' (the model's own), "
+                         f"but got {head!r}.")
+    fused = head == "auto" and fused_head(model) is not None
+    per_token = bytes_per_token(model, fused)
+    if max_batch_tokens is None:  # as many tokens as the memory budget holds, up to batch_size full windows
+        budget = memory_budget(_input_device(model))
+        if budget < per_token * max_length:
+            raise ValueError(
+                f"One window of max_length={max_length} tokens needs about {per_token * max_length / 2**30:.2f} GiB "
+                f"({per_token / 1024:.0f} KiB per token), but the batch budget on {_input_device(model)} is "
+                f"{budget / 2**30:.2f} GiB; lower `max_length`, or set `max_batch_tokens` to run anyway."
+            )
+        max_batch_tokens = min(budget // per_token, batch_size * max_length)
     check_int(max_batch_tokens, "max_batch_tokens", minimum=1)
     padding_side = padding_side or getattr(tokenizer, "padding_side", "right")
     if padding_side not in ("left", "right"):
@@ -224,6 +245,8 @@ def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, m
         "max_batch_tokens": max_batch_tokens,
         "padding_side": padding_side,
         "start_token_id": start_token_id(tokenizer) if add_start_token else None,
+        "head": "fused" if fused else "logits",
+        "bytes_per_token": per_token,
     }
 
 
@@ -231,6 +254,7 @@ def _score_stream(model, tokenizer, texts, settings, progress):
     start_id = settings["start_token_id"]
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    head = fused_head(model) if settings["head"] == "fused" else None
     device = _input_device(model)
     was_training = model.training
     model.eval()
@@ -242,7 +266,7 @@ def _score_stream(model, tokenizer, texts, settings, progress):
             bar.total += sum(len(s) - 1 for s in sequences)
             bar.refresh()
             with torch.inference_mode():
-                batch = _score_chunk(model, sequences, offset, settings, pad_id, device, keeps_logits, bar)
+                batch = _score_chunk(model, sequences, offset, settings, pad_id, device, (keeps_logits, head), bar)
             offset += len(chunk)
             yield batch  # outside inference mode: the caller's loop body must not run in it
     finally:
@@ -278,7 +302,7 @@ def _tokenize(tokenizer, texts, offset, start_id):
     return sequences
 
 
-def _score_chunk(model, sequences, offset, settings, pad_id, device, keeps_logits, bar):
+def _score_chunk(model, sequences, offset, settings, pad_id, device, path, bar):
     windows = [(t, *w) for t, seq in enumerate(sequences)
                for w in plan_windows(len(seq), settings["max_length"], settings["stride"])]
     pieces = [None] * len(windows)
@@ -286,7 +310,7 @@ def _score_chunk(model, sequences, offset, settings, pad_id, device, keeps_logit
     for batch in pack_batches(lengths, settings["batch_size"], settings["max_batch_tokens"]):
         try:
             scored = _score_batch(model, sequences, [windows[i] for i in batch], pad_id,
-                                  settings["padding_side"] == "left", device, keeps_logits)
+                                  settings["padding_side"] == "left", device, *path)
         except ValueError as err:  # name the texts, not the batch's rows
             texts = sorted({offset + windows[i][0] for i in batch})
             raise ValueError(f"Scoring `texts` {texts} failed (with float16, try bfloat16 or float32): {err}") from None

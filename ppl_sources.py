@@ -109,7 +109,7 @@ def resolve_dtype(dtype):
     return _DTYPES[dtype]
 
 
-def load_model(model_id=None, *, gguf_file=None, device=None, dtype=None, trust_remote_code=False):
+def load_model(model_id=None, *, gguf_file=None, device=None, dtype=None, trust_remote_code=False, device_map=None):
     """Load (once per process) a causal LM and its tokenizer.
 
     Args:
@@ -119,6 +119,9 @@ def load_model(model_id=None, *, gguf_file=None, device=None, dtype=None, trust_
         dtype: "float32", "bfloat16", "float16", "float64" or "auto"/None (float32 on CPU,
             the checkpoint's own dtype elsewhere).
         trust_remote_code: run code shipped with the model; off unless asked for.
+        device_map: accelerate's placement instead of `device`, for models larger than one
+            device: "auto", "balanced", "balanced_low_0", "sequential", a device ("cpu",
+            "cuda:0"), or a dict of module names to devices. Inputs go to the embedding's device.
 
     Returns:
         (model, tokenizer), the model in eval mode. Repeated calls return the same objects.
@@ -133,18 +136,63 @@ def load_model(model_id=None, *, gguf_file=None, device=None, dtype=None, trust_
         if not Path(gguf_file).is_file():
             raise ValueError(f"Expected `gguf_file` to be a GGUF file's path (or a file name with `model_id`), but got {gguf_file!r}.")
         model_id, gguf_file = str(Path(gguf_file).parent), Path(gguf_file).name
-    device = resolve_device(device)
+    placement = resolve_device_map(device_map, device)
+    device = resolve_device(device) if placement is None else _first_device(placement)
     dtype = resolve_dtype(dtype)
+    check_dtype_runs(dtype, device)
     if model_id is not None:
-        return _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code)
-    return _load_default(default_model_dir(), device, dtype, trust_remote_code)
+        return _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code, placement)
+    return _load_default(default_model_dir(), device, dtype, trust_remote_code, placement)
+
+
+_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(device_map, device=None):
+    """`device_map` checked and made hashable (a dict becomes sorted pairs); None stays None."""
+    if device_map is None:
+        return None
+    if device not in (None, "auto"):
+        raise ValueError(f"Expected either `device` or `device_map`, but got both ({device!r} and {device_map!r}).")
+    if isinstance(device_map, dict):
+        if not device_map or not all(isinstance(k, str) and isinstance(v, (int, str)) for k, v in device_map.items()):
+            raise ValueError(f"Expected `device_map` to map module names to devices, but got {device_map!r}.")
+        return tuple(sorted(device_map.items()))
+    if isinstance(device_map, str) and device_map in _PLACEMENTS:
+        return device_map
+    try:
+        return str(torch.device(device_map))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Expected `device_map` to be one of {list(_PLACEMENTS)}, a device such as 'cpu' or 'cuda:0', "
+                         f"or a dict of module names to devices, but got {device_map!r}.") from None
+
+
+def _first_device(placement):
+    """The device a placement starts on, for the dtype check and the default dtype."""
+    if isinstance(placement, tuple):
+        first = placement[0][1]
+        return f"cuda:{first}" if isinstance(first, int) else str(first)
+    return resolve_device("auto") if placement in _PLACEMENTS else placement
+
+
+def check_dtype_runs(dtype, device):
+    """A matrix product in `dtype` on `device`, before any model is loaded: a dtype the device
+    cannot run (float64 on MPS, say) fails here, naming it, not deep inside the forward pass."""
+    if dtype is None:
+        return
+    try:
+        x = torch.ones((2, 2), dtype=dtype, device=device)
+        (x @ x).sum().item()
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"Expected a `dtype` that {device} can run, but {str(dtype).removeprefix('torch.')} fails there: "
+                         f"{str(err).splitlines()[0]}") from None
 
 
 @functools.lru_cache(maxsize=2)
-def _load_default(model_dir, device, dtype, trust_remote_code):
+def _load_default(model_dir, device, dtype, trust_remote_code, placement=None):
     """The default model with its own tokenizer copy that starts documents with <|endoftext|>:
     whoever loads the same folder or Hub id by name gets the tokenizer as it was saved."""
-    model, tokenizer = _load_model_cached(model_dir, None, device, dtype, trust_remote_code)
+    model, tokenizer = _load_model_cached(model_dir, None, device, dtype, trust_remote_code, placement)
     tokenizer = copy.deepcopy(tokenizer)
     _use_document_start(tokenizer)  # also where the default came from the Hub
     return model, tokenizer
@@ -159,7 +207,7 @@ def _use_document_start(tokenizer):
 
 
 @functools.lru_cache(maxsize=2)
-def _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code):
+def _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code, placement=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype is None:
@@ -167,10 +215,12 @@ def _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code):
     options = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         options["gguf_file"] = gguf_file
+    if placement is not None:  # accelerate places the weights; the model is never moved afterwards
+        options["device_map"] = dict(placement) if isinstance(placement, tuple) else placement
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, **options)
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, use_safetensors=None, **options)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"Could not load model {model_id!r}: {first_line}") from None
-    return model.to(device).eval(), tokenizer
+    return (model if placement is not None else model.to(device)).eval(), tokenizer

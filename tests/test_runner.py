@@ -290,8 +290,11 @@ def test_non_finite_model_output_names_the_texts(tiny):
 def test_resolved_settings_are_reported(tiny):
     model, tokenizer = tiny
     settings = ppl_runner.resolve_settings(model, tokenizer, max_length=32)
-    assert settings == {"max_length": 32, "stride": 32, "batch_size": 16, "max_batch_tokens": 16 * 64,
-                        "padding_side": "right", "start_token_id": 0}
+    # the budget holds batch_size full windows; GPT-2 float32: 4 bytes x (16 x 64 hidden + 8 x 256 inner)
+    assert settings == {"max_length": 32, "stride": 32, "batch_size": 16, "max_batch_tokens": 16 * 32,
+                        "padding_side": "right", "start_token_id": 0, "head": "fused", "bytes_per_token": 12288}
+    plain = ppl_runner.resolve_settings(model, tokenizer, max_length=32, head="logits")
+    assert plain["head"] == "logits" and plain["bytes_per_token"] == 12288 + 4 * 1000  # plus a row of logits
     assert ppl_runner.resolve_settings(model, tokenizer, add_start_token=False)["max_length"] == 256  # the context
 
 
