@@ -187,3 +187,28 @@ def test_fused_head_on_the_real_model_and_real_text(smol, wikitext_paragraphs):
     whole = [lp for b in score_texts(model, tokenizer, texts[:2], progress=False) for lp in b["predictions"]]
     for a, text in zip(whole, texts[:2]):
         assert a == pytest.approx(float64_logprobs(model, tokenizer, text, start), rel=1e-4, abs=1e-4)
+
+
+def test_cli_device_map_and_the_batching_line(tiny_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import AUTO_VS_CPU_REL, ROOT
+
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("\n\n".join(TEXTS) + "\n", encoding="utf-8")
+
+    def cli(*extra):
+        args = [sys.executable, str(ROOT / "ppl_cli.py"), "--model", str(tiny_dir), "--corpus", str(corpus), "--quiet", *extra]
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**__import__("os").environ,
+                              "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    placed = json.loads(cli("--device-map", "auto", "--json", "-"))
+    on_cpu = cli("--device", "cpu", "--batch-size", "2")
+    assert "Batching          batch_size=2, max_batch_tokens=512 (12 KiB/token), head=fused, float32 on cpu" in on_cpu
+    shown = float(on_cpu.split("Perplexity")[1].split()[0])
+    assert placed["perplexity"] == pytest.approx(shown, rel=max(AUTO_VS_CPU_REL, 5e-5))  # the report prints 4 decimals
+    assert placed["settings"]["head"] == "fused"
