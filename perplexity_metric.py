@@ -26,22 +26,29 @@ from .ppl_runner import score_texts
 from .ppl_sources import load_model
 from .ppl_card import update_model_card
 from .ppl_dist import score_corpus_distributed
+from .ppl_docs import pool_scores
+from .ppl_ray import DocumentScorer
 '''
 
 if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_card import update_model_card
     from .ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
     from .ppl_dist import distributed_session, score_corpus_distributed
+    from .ppl_docs import pool_scores
+    from .ppl_ray import DocumentScorer  # a plain class: Ray is imported only by ppl_ray.run_cli
     from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
 else:  # imported plainly: tests, app.py, the command line
     from ppl_card import update_model_card
     from ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
     from ppl_dist import distributed_session, score_corpus_distributed
+    from ppl_docs import pool_scores
+    from ppl_ray import DocumentScorer  # a plain class: Ray is imported only by ppl_ray.run_cli
     from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
 
-__all__ = ["PerplexityMetric", "Perplexity", "perplexity", "score_texts", "evaluate_texts", "load_model", "update_model_card"]
+__all__ = ["PerplexityMetric", "Perplexity", "perplexity", "score_texts", "evaluate_texts", "load_model", "update_model_card",
+           "DocumentScorer", "pool_scores"]
 
 _CITATION = """\
 @misc{perplexity_metric,

@@ -61,6 +61,12 @@ def parse_args(argv=None):
     procs.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl when CUDA is available, else gloo")
     procs.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
                        help="seconds to wait for peers to join, and for the others once a rank is done (default: 1800)")
+    cluster = parser.add_argument_group("Ray cluster (--engine ray; pip install -r requirements-ray.txt)")
+    cluster.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="local: this process (or torchrun's ranks); ray: a Ray Data job over Parquet/JSON Lines/CSV files")
+    cluster.add_argument("--ray-address", help="join this running cluster (default: $RAY_ADDRESS, else a local one for the run)")
+    cluster.add_argument("--workers", type=int, default=1, help="scoring actors, each with its own model (default: 1)")
+    cluster.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")
     out = parser.add_argument_group("output")
     out.add_argument("--docs-out", metavar="DIR", help="write per-document results as Parquet parts while scoring")
     out.add_argument("--resume", action="store_true", help="continue the --docs-out folder of a run that stopped")
@@ -116,6 +122,10 @@ def run(args, ctx):
     limit = args.limit if args.limit is not None else (DEFAULT_LIMIT if args.corpus == DEFAULT_CORPUS else 0)
     if limit < 0:
         raise ValueError(f"Expected --limit >= 0, but got {limit}.")
+    if args.engine == "ray":  # Ray schedules the actors; this process is the driver
+        from ppl_ray import run_cli
+
+        return run_cli(args, limit=limit, report=_report, write_outputs=_write_outputs)
     if args.resume and not args.docs_out:
         raise ValueError("--resume continues a --docs-out folder: give --docs-out DIR too.")
     corpus_kind(args.corpus)  # a missing file fails now, before the model loads

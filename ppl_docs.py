@@ -124,3 +124,66 @@ class PartWriter:
         os.replace(tmp, self.folder / name)  # atomic: a reader sees the whole part or none
         self.part += 1
         self.rows = []
+
+
+def pool_scores(scores, *, bootstrap_resamples=1000, seed=0):
+    """The corpus result from per-document scores: what one process gives for the same documents.
+
+    Args:
+        scores: a pandas DataFrame, a Ray dataset, or a folder of Parquet files (a `--docs-out`
+            folder, or what Ray's `write_parquet` wrote from `ppl_ray.DocumentScorer` rows), with
+            the columns `nll`, `num_tokens`, `num_words`, `num_bytes`, and optionally `index`
+            (the document's position; default the row's position), `id` and `error`.
+        bootstrap_resamples, seed: as for `ppl_runner.pool_rows`.
+
+    Rows with an `error` or no `nll` are left out and counted: the result holds
+    `ppl_runner.pool_rows`'s keys plus `num_errors` and `errors` (rows per error kind).
+
+    Raises:
+        ValueError: a missing column, a folder without Parquet files, no scored row, a document
+            index that appears twice.
+        TypeError: `scores` of another type.
+    """
+    if __package__:
+        from .ppl_runner import pool_rows
+    else:
+        from ppl_runner import pool_rows
+    import pandas as pd
+
+    wanted = ["index", "id", "num_tokens", "nll", "num_words", "num_bytes", "error"]
+    if isinstance(scores, (str, os.PathLike)):
+        import pyarrow.dataset as pads
+
+        if not Path(scores).is_dir():
+            raise ValueError(f"Expected `scores` to be a folder of Parquet files, but {str(scores)!r} is not a folder.")
+        data = pads.dataset(str(scores), format="parquet")  # skips names starting with "." or "_"
+        if not data.files:
+            raise ValueError(f"Expected `scores` to be a folder of Parquet files, but {str(scores)!r} holds none.")
+        frame = data.to_table(columns=[c for c in wanted if c in data.schema.names]).to_pandas()
+    elif isinstance(scores, pd.DataFrame):
+        frame = scores
+    elif callable(getattr(scores, "iter_batches", None)) and callable(getattr(scores, "columns", None)):  # Ray
+        present = [c for c in wanted if c in scores.columns()]
+        batches = list(scores.select_columns(present).iter_batches(batch_format="pandas", batch_size=None))
+        frame = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame(columns=present)
+    else:
+        raise TypeError(f"Expected `scores` to be a pandas DataFrame, a Ray dataset or a folder, but got "
+                        f"{type(scores).__name__}.")
+    missing = [c for c in ("num_tokens", "nll", "num_words", "num_bytes") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"Expected `scores` to have the columns {missing}, but it has {list(frame.columns)}.")
+    failed = frame["nll"].isna()
+    if "error" in frame.columns:
+        failed |= frame["error"].notna()
+    errors = frame.loc[failed, "error"] if "error" in frame.columns else pd.Series([], dtype=object)
+    kinds = errors.fillna("no score").map(lambda message: str(message).split(":")[0]).value_counts()
+    good = frame[~failed]
+    index = good["index"].tolist() if "index" in good.columns else good.index.tolist()
+    ids = good["id"].tolist() if "id" in good.columns else [None] * len(good)
+    rows = [{"index": int(i), "id": doc_id, "nll": float(nll), "num_tokens": int(tokens), "num_words": int(words),
+             "num_bytes": int(num_bytes)}
+            for i, doc_id, nll, tokens, words, num_bytes in zip(index, ids, good["nll"], good["num_tokens"],
+                                                                 good["num_words"], good["num_bytes"])]
+    result = pool_rows(rows, bootstrap_resamples=bootstrap_resamples, seed=seed)
+    result.update(num_errors=int(failed.sum()), errors={str(k): int(n) for k, n in kinds.items()})
+    return result
