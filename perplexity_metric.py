@@ -26,6 +26,7 @@ from .ppl_runner import score_texts
 from .ppl_sources import load_model
 from .ppl_card import update_model_card
 from .ppl_dist import score_corpus_distributed
+from .ppl_trainer import compute_metrics
 from .ppl_docs import pool_scores
 from .ppl_ray import DocumentScorer
 '''
@@ -38,6 +39,7 @@ if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_ray import DocumentScorer  # a plain class: Ray is imported only by ppl_ray.run_cli
     from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
+    from .ppl_trainer import compute_metrics, preprocess_logits_for_metrics
 else:  # imported plainly: tests, app.py, the command line
     from ppl_card import update_model_card
     from ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
@@ -46,9 +48,10 @@ else:  # imported plainly: tests, app.py, the command line
     from ppl_ray import DocumentScorer  # a plain class: Ray is imported only by ppl_ray.run_cli
     from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
+    from ppl_trainer import compute_metrics, preprocess_logits_for_metrics
 
 __all__ = ["PerplexityMetric", "Perplexity", "perplexity", "score_texts", "evaluate_texts", "load_model", "update_model_card",
-           "DocumentScorer", "pool_scores"]
+           "DocumentScorer", "pool_scores", "preprocess_logits_for_metrics", "compute_metrics"]
 
 _CITATION = """\
 @misc{perplexity_metric,
@@ -255,6 +258,12 @@ class PerplexityMetric(evaluate.Metric):
     @property
     def text_mode(self):
         return self.config_name == "text"
+
+    # For transformers' Trainer: `Trainer(..., preprocess_logits_for_metrics=metric.preprocess_logits_for_metrics,
+    # compute_metrics=metric.compute_metrics)` reports eval_perplexity, eval_nll and eval_num_tokens, token-weighted
+    # over the whole eval set, keeping per-sequence sums instead of logits (see ppl_trainer.py; labels -100 at padding).
+    preprocess_logits_for_metrics = staticmethod(preprocess_logits_for_metrics)
+    compute_metrics = staticmethod(compute_metrics)
 
     def _info(self):
         return evaluate.MetricInfo(
