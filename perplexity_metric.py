@@ -100,7 +100,12 @@ Args ("text" configuration):
     batch_size (int, default 16), add_start_token (bool, default True),
     max_length (int, default: the model's context), stride (int, default max_length),
     device (str, optional), dtype (str, optional), trust_remote_code (bool, default False),
-    device_map (str or dict, optional: accelerate's placement for big models, e.g. "auto").
+    device_map (str or dict, optional: accelerate's placement for big models, e.g. "auto"),
+    head ("auto": the fused, chunked head where it is exact; "logits": the model's own logits).
+    contexts (list of str, optional): one per prediction, fed before it but not scored
+        (lm-evaluation-harness's loglikelihood; see `log_likelihoods` in the result).
+    conversations (list of message lists, instead of predictions): only the assistant turns
+        are scored, through the tokenizer's chat template.
     distributed (bool, default False): under torchrun / accelerate launch, every rank calls
         compute with the same texts, scores its shard, and returns the whole result (the
         same numbers as one process); a peer missing for `distributed_timeout` seconds
@@ -327,6 +332,14 @@ class PerplexityMetric(evaluate.Metric):
             self.add_batch(predictions=predictions, references=references, ignore_index=kwargs.get("ignore_index", self.ignore_index))
             predictions = references = None
         if self.text_mode:
+            if kwargs.get("conversations") is not None:  # evaluate's cache wants strings: one stand-in per conversation
+                if predictions is not None:
+                    raise ValueError("Expected either `predictions` (texts) or `conversations`, but got both.")
+                conversations = kwargs["conversations"]
+                if isinstance(conversations, (str, bytes, dict)) or not hasattr(conversations, "__iter__"):
+                    raise TypeError(f"Expected `conversations` to be a list of conversations, but got {type(conversations).__name__}.")
+                kwargs["conversations"] = conversations = list(conversations)
+                predictions = [f"conversation {i}" for i in range(len(conversations))]
             _check_text_inputs(predictions, references)
             return super().compute(predictions=predictions, **kwargs)
         return super().compute(predictions=predictions, references=references, **kwargs)
@@ -352,7 +365,7 @@ class PerplexityMetric(evaluate.Metric):
 
     def _compute_texts(self, texts, resamples, model_id=None, model=None, tokenizer=None, gguf_file=None,
                        device=None, dtype=None, trust_remote_code=False, device_map=None, distributed=False, distributed_timeout=1800,
-                       **runner_kwargs):
+                       contexts=None, conversations=None, **runner_kwargs):
         if model is not None and tokenizer is None:
             raise ValueError("Expected a `tokenizer` together with `model`.")
         if model is None and tokenizer is not None:
@@ -367,7 +380,11 @@ class PerplexityMetric(evaluate.Metric):
             if model is None:
                 model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype,
                                               trust_remote_code=trust_remote_code, device_map=device_map)
-            return evaluate_texts(model, tokenizer, texts, bootstrap_resamples=resamples, **runner_kwargs)
+            if conversations is not None:
+                return evaluate_texts(model, tokenizer, conversations=conversations, bootstrap_resamples=resamples, **runner_kwargs)
+            return evaluate_texts(model, tokenizer, texts, contexts=contexts, bootstrap_resamples=resamples, **runner_kwargs)
+        if contexts is not None or conversations is not None:
+            raise ValueError("`contexts` and `conversations` run on one process: pass them without `distributed=True`.")
         if self.num_process != 1:
             raise ValueError(
                 f"Expected `distributed=True` (texts sharded over torch.distributed ranks) with num_process=1, but got "

@@ -9,8 +9,10 @@ memory is bounded by one batch; results are reassembled per text, in input order
 
 import collections.abc
 import inspect
+import itertools
 import math
 import re
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +28,20 @@ TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on h
 # A chunk also ends past this many characters (~16k tokens: well under a minute on a CPU), so
 # per-document results arrive, and can be saved, at least that often.
 CHARS_PER_CHUNK = 64_000
+
+
+class Pair(NamedTuple):
+    """A continuation scored after a context that is fed but not scored (lm-evaluation-harness's
+    `loglikelihood` request)."""
+
+    context: str
+    continuation: str
+
+
+class Chat(NamedTuple):
+    """A conversation (`{"role", "content"}` messages) of which only the assistant turns are scored."""
+
+    messages: list
 
 
 def plan_windows(num_tokens, max_length, stride):
@@ -108,20 +124,24 @@ def _input_device(model):
     return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
 
 
-def _score_batch(model, sequences, windows, pad_id, left_pad, device, keeps_logits, head):
-    """Target log-probs of one batch of windows: a list of float64 tensors, one per window."""
+def _score_batch(model, sequences, masks, windows, pad_id, left_pad, device, keeps_logits, head):
+    """Target log-probs of one batch of windows: a list of float64 tensors, one per window.
+    `masks[t]` (None: every target) says which targets of sequence t are scored."""
     lengths = [stop - start for _, start, stop, _ in windows]
     width = max(lengths)
     input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(windows), width), -100, dtype=torch.long)
     attention = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, (seq, start, stop, num_scored) in enumerate((sequences[t], a, b, n) for t, a, b, n in windows):
+    for row, (t, start, stop, num_scored) in enumerate(windows):
+        seq = sequences[t]
         n = stop - start
         cols = slice(width - n, width) if left_pad else slice(0, n)
         input_ids[row, cols] = torch.tensor(seq[start:stop])
         attention[row, cols] = 1
         row_labels = torch.tensor(seq[start + 1 : stop + 1])
         row_labels[: n - num_scored] = -100  # context only: seen, not scored
+        if masks[t] is not None:  # a prompt or a user turn: seen, not scored
+            row_labels[~torch.tensor(masks[t][start + 1 : stop + 1])] = -100
         labels[row, cols] = row_labels
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # positions restart in each window
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "position_ids": position_ids.to(device)}
@@ -152,6 +172,7 @@ def score_texts(
     max_batch_tokens=None,
     padding_side=None,
     head="auto",
+    contexts=None,
     progress=True,
 ):
     """Score texts with a causal LM: an iterator of `{"predictions", "references"}` batches for the metric.
@@ -178,6 +199,9 @@ def score_texts(
         head: "auto" runs the body once and the output layer chunk by chunk over the scored
             positions (`ppl_head`), where a probe shows that equals the model's own logits;
             "logits" always takes the model's own logits.
+        contexts: one string per text, fed before it but not scored (lm-evaluation-harness's
+            `loglikelihood`: `predictions` then hold only the continuation's log-probs).
+            Texts may also be `Pair(context, continuation)` or `Chat(messages)` items.
         progress: show a tqdm bar (on terminals) counting scored tokens.
 
     Raises:
@@ -192,6 +216,10 @@ def score_texts(
         raise TypeError("Expected `texts` to be a list of strings, but got a single string; wrap it in a list.")
     if not hasattr(texts, "__iter__"):
         raise TypeError(f"Expected `texts` to be a list of strings, but got {type(texts).__name__}.")
+    if contexts is not None:
+        if isinstance(contexts, str) or not hasattr(contexts, "__iter__"):
+            raise TypeError(f"Expected `contexts` to be a list of strings, but got {type(contexts).__name__}.")
+        texts = _pairs(contexts, texts)
     return _score_stream(model, tokenizer, texts, settings, progress)  # checks above run now, not at the first next()
 
 
@@ -262,11 +290,11 @@ def _score_stream(model, tokenizer, texts, settings, progress):
     try:
         offset = 0
         for chunk in _chunks(texts):
-            sequences = _tokenize(tokenizer, chunk, offset, start_id)
-            bar.total += sum(len(s) - 1 for s in sequences)
+            sequences, masks = _tokenize(tokenizer, chunk, offset, start_id)
+            bar.total += sum(len(s) - 1 if m is None else sum(m) for s, m in zip(sequences, masks))
             bar.refresh()
             with torch.inference_mode():
-                batch = _score_chunk(model, sequences, offset, settings, pad_id, device, (keeps_logits, head), bar)
+                batch = _score_chunk(model, sequences, masks, offset, settings, pad_id, device, (keeps_logits, head), bar)
             offset += len(chunk)
             yield batch  # outside inference mode: the caller's loop body must not run in it
     finally:
@@ -274,12 +302,23 @@ def _score_stream(model, tokenizer, texts, settings, progress):
         model.train(was_training)
 
 
+def _pairs(contexts, texts):
+    missing = object()
+    for i, (context, text) in enumerate(itertools.zip_longest(contexts, texts, fillvalue=missing)):
+        if context is missing or text is missing:
+            raise ValueError(f"Expected one context per text in `contexts`, but they differ in length at item {i}.")
+        if not isinstance(context, str) or not isinstance(text, str):
+            name, value = ("contexts", context) if not isinstance(context, str) else ("texts", text)
+            raise TypeError(f"Expected `{name}[{i}]` to be a string, but got {type(value).__name__}.")
+        yield Pair(context, text)
+
+
 def _chunks(texts):
     """Lists of at most TEXTS_PER_CHUNK texts, ending early once past CHARS_PER_CHUNK characters."""
     chunk, chars = [], 0
     for text in texts:
         chunk.append(text)
-        chars += len(text) if isinstance(text, str) else 0
+        chars += len(text) if isinstance(text, str) else len(str(text))
         if len(chunk) == TEXTS_PER_CHUNK or chars >= CHARS_PER_CHUNK:
             yield chunk
             chunk, chars = [], 0
@@ -288,28 +327,89 @@ def _chunks(texts):
 
 
 def _tokenize(tokenizer, texts, offset, start_id):
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"Expected `texts[{offset + i}]` to be a string, but got {type(text).__name__}.")
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    sequences = [([start_id] if start_id is not None else []) + list(seq) for seq in ids]
-    for i, seq in enumerate(sequences):
-        if len(seq) < 2:
-            raise ValueError(
-                f"Expected `texts[{offset + i}]` to have at least one token to score, but it has "
-                f"{len(ids[i])} token(s){'' if start_id is not None else ' and no start token'}: {texts[i][:40]!r}."
-            )
-    return sequences
+    """Token sequences and their scored targets (`masks[t][i]`: is token i scored; None: all but
+    the first) for plain texts, `Pair`s and `Chat`s."""
+    plain = [i for i, item in enumerate(texts) if isinstance(item, str)]
+    for i, item in enumerate(texts):
+        if not isinstance(item, (str, Pair, Chat)):
+            raise TypeError(f"Expected `texts[{offset + i}]` to be a string, but got {type(item).__name__}.")
+    ids = tokenizer([texts[i] for i in plain], add_special_tokens=False)["input_ids"] if plain else []
+    encoded = dict(zip(plain, ids))
+    sequences, masks = [], []
+    for i, item in enumerate(texts):
+        if isinstance(item, str):
+            seq, mask = ([start_id] if start_id is not None else []) + list(encoded[i]), None
+        elif isinstance(item, Pair):
+            seq, mask = _encode_pair(tokenizer, item, start_id)
+        else:
+            seq, mask = _encode_chat(tokenizer, item.messages)
+        scored = len(seq) - 1 if mask is None else sum(mask)
+        if scored < 1:
+            if isinstance(item, str):
+                has = f"it has {len(encoded[i])} token(s){'' if start_id is not None else ' and no start token'}"
+            else:
+                has = f"its {'continuation' if isinstance(item, Pair) else 'assistant turns'} have none"
+            raise ValueError(f"Expected `texts[{offset + i}]` to have at least one token to score, but {has}: {str(item)[:40]!r}.")
+        sequences.append(seq)
+        masks.append(mask)
+    return sequences, masks
 
 
-def _score_chunk(model, sequences, offset, settings, pad_id, device, path, bar):
-    windows = [(t, *w) for t, seq in enumerate(sequences)
-               for w in plan_windows(len(seq), settings["max_length"], settings["stride"])]
+def split_pair(tokenizer, context, continuation):
+    """(context ids, continuation ids) as lm-evaluation-harness encodes a `loglikelihood` pair:
+    the context's trailing whitespace moves to the continuation, the pair is tokenized whole,
+    and split after the context's own tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    split = len(tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0
+    return list(whole[:split]), list(whole[split:])
+
+
+def _encode_pair(tokenizer, pair, start_id):
+    context, continuation = split_pair(tokenizer, pair.context, pair.continuation)
+    seq = ([start_id] if start_id is not None else []) + context + continuation
+    first = len(seq) - len(continuation)
+    return seq, [i >= max(first, 1) for i in range(len(seq))]
+
+
+def _encode_chat(tokenizer, messages):
+    """The conversation rendered by the tokenizer's chat template; scored: the tokens of each
+    assistant message as rendered after its generation prompt (content and end-of-turn marker),
+    each with the whole conversation before it as context."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []  # character spans of the assistant turns in `text`
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            if i == 0:
+                raise ValueError("Expected a conversation in `conversations` to start with a turn before its first "
+                                 "assistant message (the context it answers), but it starts with the assistant.")
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            turn = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not (turn.startswith(prompt) and text.startswith(turn)):
+                raise ValueError(
+                    "The tokenizer's chat template does not render a conversation as the prefix of its continuation "
+                    f"(message {i} of a conversation in `conversations`), so its assistant turns cannot be told apart: "
+                    "score such conversations as `contexts` and continuations instead."
+                )
+            spans.append((len(prompt), len(turn)))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(a <= begin < b for a, b in spans) for begin, _ in encoding["offset_mapping"]]
+    return list(encoding["input_ids"]), [False] + mask[1:]
+
+
+def _score_chunk(model, sequences, masks, offset, settings, pad_id, device, path, bar):
+    windows = []
+    for t, (seq, mask) in enumerate(zip(sequences, masks)):
+        for start, stop, num_scored in plan_windows(len(seq), settings["max_length"], settings["stride"]):
+            if mask is None or any(mask[stop - num_scored + 1 : stop + 1]):  # windows with nothing to score are skipped
+                windows.append((t, start, stop, num_scored))
     pieces = [None] * len(windows)
     lengths = [stop - start for _, start, stop, _ in windows]
     for batch in pack_batches(lengths, settings["batch_size"], settings["max_batch_tokens"]):
         try:
-            scored = _score_batch(model, sequences, [windows[i] for i in batch], pad_id,
+            scored = _score_batch(model, sequences, masks, [windows[i] for i in batch], pad_id,
                                   settings["padding_side"] == "left", device, *path)
         except ValueError as err:  # name the texts, not the batch's rows
             texts = sorted({offset + windows[i][0] for i in batch})
@@ -322,18 +422,19 @@ def _score_chunk(model, sequences, offset, settings, pad_id, device, path, bar):
         per_text[t].append(logprobs)
     return {
         "predictions": [torch.cat(parts).tolist() for parts in per_text],
-        "references": [seq[1:] for seq in sequences],
+        "references": [seq[1:] if mask is None else [x for x, m in zip(seq, mask) if m] for seq, mask in zip(sequences, masks)],
     }
 
 
-def score_documents(model, tokenizer, documents, **runner_kwargs):
+def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runner_kwargs):
     """Per-document results, streamed: `score_texts` over `(index, id, text)` triples.
 
     Yields a list of rows per chunk of texts (as soon as that chunk is scored), each a dict
     with `index` and `id` as given, `num_tokens` (scored tokens), `nll` (their summed
     negative log-likelihood in nats, summed exactly in float64), `perplexity`, and
     lm-evaluation-harness's `num_words` and `num_bytes`. This is the one scorer behind text
-    mode, the command line's `--docs-out`, and every multi-process route.
+    mode, the command line's `--docs-out`, and every multi-process route. With
+    `keep_logprobs`, rows also hold `text` and the per-token `logprobs`.
 
     Raises:
         TypeError, ValueError: a text that is not a string, is empty, or has no token to
@@ -343,9 +444,9 @@ def score_documents(model, tokenizer, documents, **runner_kwargs):
 
     def texts():
         for index, doc_id, text in documents:
-            if not isinstance(text, str):
+            if not isinstance(text, (str, Pair, Chat)):
                 raise TypeError(f"Expected {_label(index, doc_id)} to be a string, but got {type(text).__name__}.")
-            if not text:
+            if not _scored_text(text):
                 raise ValueError(f"Expected {_label(index, doc_id)} to have at least one token to score, but it is empty.")
             pending.append((index, doc_id, text))
             yield text
@@ -359,17 +460,29 @@ def score_documents(model, tokenizer, documents, **runner_kwargs):
             return
         except ValueError as err:  # `texts[k]` counts the stream: name the document instead
             def name(match):
-                return _label(*pending[int(match.group(1)) - consumed][:2])
+                k = int(match.group(1)) - consumed
+                return _label(*pending[k][:2]) if 0 <= k < len(pending) else match.group(0)
             raise ValueError(re.sub(r"`texts\[(\d+)\]`", name, str(err))) from None
         rows = []
         for logprobs in batch["predictions"]:
             index, doc_id, text = pending.popleft()
             nll, count = -math.fsum(logprobs), len(logprobs)
-            words, num_bytes = text_units(text)
+            words, num_bytes = text_units(_scored_text(text))
             rows.append({"index": index, "id": doc_id, "num_tokens": count, "nll": nll,
                          "perplexity": math.exp(nll / count), "num_words": words, "num_bytes": num_bytes})
+            if keep_logprobs:
+                rows[-1].update(text=text, logprobs=logprobs)
         consumed += len(rows)
         yield rows
+
+
+def _scored_text(item):
+    """The text whose tokens are scored: a text, a pair's continuation, a chat's assistant turns."""
+    if isinstance(item, Pair):
+        return item.continuation
+    if isinstance(item, Chat):
+        return "\n".join(m["content"] for m in item.messages if m["role"] == "assistant")
+    return item
 
 
 def _label(index, doc_id):
@@ -377,15 +490,21 @@ def _label(index, doc_id):
     return f"`texts[{index}]`" if doc_id is None else f"document {index} (id {doc_id!r})"
 
 
-def evaluate_texts(model, tokenizer, texts, *, bootstrap_resamples=1000, seed=0, **runner_kwargs):
+def evaluate_texts(model, tokenizer, texts=None, *, contexts=None, conversations=None, bootstrap_resamples=1000, seed=0,
+                   **runner_kwargs):
     """The metric's text-mode result for `texts`: `score_documents` pooled by the core.
 
+    With `contexts` (one string per text) each text is a continuation scored after its
+    context (`Pair`); with `conversations` (instead of `texts`) only the assistant turns of
+    each conversation are scored (`Chat`).
+
     Returns the core's keys (`perplexity`, `nll`, `bits_per_token`, `num_tokens`,
-    `perplexities`, `mean_perplexity`, `perplexity_ci`) plus lm-evaluation-harness's
-    `word_perplexity`, `byte_perplexity`, `bits_per_byte` and `num_documents`; `seed` seeds
-    the bootstrap.
+    `perplexities`, `mean_perplexity`, `perplexity_ci`), `log_likelihoods` (per text, the
+    sum of its scored log-probabilities in nats) plus lm-evaluation-harness's
+    `word_perplexity`, `byte_perplexity`, `bits_per_byte` (of the scored text) and
+    `num_documents`; `seed` seeds the bootstrap.
     """
-    texts = check_texts(texts)
+    texts = check_items(texts, contexts=contexts, conversations=conversations, tokenizer=tokenizer)
     rows = [row for part in score_documents(model, tokenizer, _numbered(texts), **runner_kwargs) for row in part]
     return pool_rows(rows, bootstrap_resamples=bootstrap_resamples, seed=seed)
 
@@ -394,19 +513,64 @@ def _numbered(texts):
     return ((i, None, text) for i, text in enumerate(texts))
 
 
-def check_texts(texts):
+def check_items(texts=None, *, contexts=None, conversations=None, tokenizer=None, name="texts"):
+    """`texts`, `Pair`s of `contexts` and `texts`, or `Chat`s of `conversations`, checked before
+    any scoring (a new list; the caller's objects are left alone)."""
+    if conversations is not None:
+        if texts is not None or contexts is not None:
+            raise ValueError(f"Expected either `{name}` (with `contexts`) or `conversations`, but got both.")
+        return check_conversations(conversations, tokenizer)
+    texts = check_texts(texts, name=name)
+    if contexts is None:
+        return texts
+    if isinstance(contexts, (str, bytes)) or not isinstance(contexts, collections.abc.Iterable):
+        raise TypeError(f"Expected `contexts` to be a list of strings, but got {type(contexts).__name__}.")
+    contexts = list(contexts)
+    if len(contexts) != len(texts):
+        raise ValueError(f"Expected `contexts` to hold one string per item of `{name}` ({len(texts)}), but got {len(contexts)}.")
+    for i, context in enumerate(contexts):
+        if not isinstance(context, str):
+            raise TypeError(f"Expected `contexts[{i}]` to be a string, but got {type(context).__name__}.")
+    return [Pair(c, t) for c, t in zip(contexts, texts)]
+
+
+def check_conversations(conversations, tokenizer):
+    """Conversations as `Chat`s: lists of {"role", "content"} messages with at least one
+    assistant turn, for a tokenizer that has a chat template."""
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("Expected a tokenizer with a chat template for `conversations`, but this one has none "
+                         "(`tokenizer.chat_template` is empty): score plain texts instead, or set a template.")
+    if isinstance(conversations, (str, bytes, dict)) or not isinstance(conversations, collections.abc.Iterable):
+        raise TypeError(f"Expected `conversations` to be a list of conversations, but got {type(conversations).__name__}.")
+    chats = []
+    for i, messages in enumerate(conversations):
+        if isinstance(messages, (str, dict)) or not isinstance(messages, collections.abc.Iterable):
+            raise TypeError(f"Expected `conversations[{i}]` to be a list of messages, but got {type(messages).__name__}.")
+        messages = [dict(m) if isinstance(m, dict) else m for m in messages]
+        for j, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise TypeError(f"Expected `conversations[{i}][{j}]` to be a {{'role': str, 'content': str}} message, but got {m!r}.")
+        if not any(m["role"] == "assistant" and m["content"] for m in messages):
+            raise ValueError(f"Expected `conversations[{i}]` to hold an assistant message with content to score, but it has none.")
+        chats.append(Chat(messages))
+    if not chats:
+        raise ValueError("Expected at least one conversation in `conversations`, but got none.")
+    return chats
+
+
+def check_texts(texts, name="texts"):
     """`texts` as a new list (the caller's object is left alone), checked before any scoring:
     at least one, each a non-empty string. A bad text at index 10,000 fails now, not after hours."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, collections.abc.Iterable):
-        raise TypeError(f"Expected `texts` to be a list of strings, but got {type(texts).__name__}.")
+        raise TypeError(f"Expected `{name}` to be a list of strings, but got {type(texts).__name__}.")
     texts = list(texts)
     if not texts:
-        raise ValueError("Expected at least one text in `texts`, but got none.")
+        raise ValueError(f"Expected at least one text in `{name}`, but got none.")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"Expected `texts[{i}]` to be a string, but got {type(text).__name__}.")
+            raise TypeError(f"Expected `{name}[{i}]` to be a string, but got {type(text).__name__}.")
         if not text:
-            raise ValueError(f"Expected `texts[{i}]` to have at least one token to score, but it is empty.")
+            raise ValueError(f"Expected `{name}[{i}]` to have at least one token to score, but it is empty.")
     return texts
 
 
@@ -434,6 +598,7 @@ def pool_rows(rows, *, bootstrap_resamples=1000, seed=0):
     result = summarize(nll_sums, [row["num_tokens"] for row in rows], bootstrap_resamples=bootstrap_resamples, seed=seed)
     result.update(unit_metrics(math.fsum(nll_sums), sum(row["num_words"] for row in rows),
                                sum(row["num_bytes"] for row in rows)))
+    result["log_likelihoods"] = [-nll for nll in nll_sums]
     result["num_documents"] = len(rows)
     return result
 
