@@ -29,6 +29,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from perplexity_metric import PerplexityMetric
 from ppl_runner import plan_windows, pool_texts, resolve_settings, score_texts
 from ppl_sources import DEFAULT_MODEL, load_model, model_name
+from ppl_tokens import token_spans
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MAX_CHARS = 20_000
@@ -213,21 +214,13 @@ def _text_result(logprobs, text):
 
 
 def token_pieces(tokenizer, text):
-    """The text cut at its token boundaries (one piece per token, as the runner tokenizes it).
-
-    With a fast tokenizer the pieces concatenate back to the text exactly (a token that only
-    completes a multi-byte character gets an empty piece); otherwise each token is decoded.
-    """
+    """The text cut at its token boundaries (one piece per token, as the runner tokenizes it),
+    with `ppl_tokens.token_spans`, the code behind `ppl_cli.py --tokens-out`: the pieces
+    concatenate back to the text exactly (a token that only completes a multi-byte character
+    gets an empty piece). A slow tokenizer's tokens are decoded one by one instead."""
     if getattr(tokenizer, "is_fast", False):
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        pieces, previous = [], 0
-        for _, end in offsets:
-            end = max(end, previous)
-            pieces.append(text[previous:end])
-            previous = end
-        if pieces:
-            pieces[-1] += text[previous:]
-        return pieces
+        _, spans = token_spans(tokenizer, text)
+        return [text[start:end] for start, end in spans]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return [tokenizer.decode([i]) for i in ids]
 

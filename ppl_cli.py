@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from ppl_card import update_model_card
 from ppl_corpus import DEFAULT_CORPUS, corpus_fingerprint, corpus_kind, iter_documents
@@ -24,6 +25,7 @@ from ppl_dist import DEFAULT_TIMEOUT, DistributedScoringError, barrier, distribu
 from ppl_docs import PartWriter, prepare, read_rows, write_manifest
 from ppl_runner import pool_rows, resolve_settings, score_documents
 from ppl_sources import load_model, model_name
+from ppl_tokens import TOKEN_COLUMNS, WORD_COLUMNS, TableWriter, token_rows, token_spans, word_rows
 
 DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about 25 s on 2 CPU cores)
 
@@ -54,7 +56,8 @@ def parse_args(argv=None):
     run.add_argument("--max-length", type=int, help="window length in tokens (default: the model's context)")
     run.add_argument("--stride", type=int, help="tokens a window advances (default: max-length)")
     run.add_argument("--max-batch-tokens", type=int,
-                     help="most padded tokens per forward pass (default: 64 per batch item on CPU, up to 256 elsewhere)")
+                     help="most padded tokens per forward pass (default: what a quarter of the free RAM, or 70%% of the "
+                          "free GPU memory, holds, at most batch-size full windows)")
     run.add_argument("--no-start-token", action="store_true", help="do not prepend BOS/EOS (the first token is then unscored)")
     run.add_argument("--bootstrap-resamples", type=int, default=1000, help="resamples for the interval (default: 1000)")
     procs = parser.add_argument_group("several processes (torchrun / accelerate launch)")
@@ -70,6 +73,8 @@ def parse_args(argv=None):
     out = parser.add_argument_group("output")
     out.add_argument("--docs-out", metavar="DIR", help="write per-document results as Parquet parts while scoring")
     out.add_argument("--resume", action="store_true", help="continue the --docs-out folder of a run that stopped")
+    out.add_argument("--tokens-out", metavar="PATH", help="per-token surprisal rows (.parquet, .csv or .jsonl), written as it goes")
+    out.add_argument("--words-out", metavar="PATH", help="per-word surprisal rows (.parquet, .csv or .jsonl), written as it goes")
     out.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': to stdout, instead of the report)")
     out.add_argument("--model-card", metavar="PATH", help="record the result in this model card (README.md or its folder)")
     out.add_argument("--card-model-name", help="model-index name (default: the model's name)")
@@ -129,6 +134,7 @@ def run(args, ctx):
     if args.resume and not args.docs_out:
         raise ValueError("--resume continues a --docs-out folder: give --docs-out DIR too.")
     corpus_kind(args.corpus)  # a missing file fails now, before the model loads
+    surprisal_paths = _surprisal_paths(args, rank, world_size)  # so do bad or existing output files
     corpus = dict(source=args.corpus, text_field=args.text_field, id_field=args.id_field, split=args.split,
                   config=args.dataset_config)
     model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=args.device or (None if args.device_map else ctx["device"]),
@@ -136,6 +142,7 @@ def run(args, ctx):
     options = dict(batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
                    max_batch_tokens=args.max_batch_tokens, add_start_token=not args.no_start_token)
     settings = resolve_settings(model, tokenizer, **options)
+    options["max_batch_tokens"] = settings["max_batch_tokens"]  # resolved once: what the report shows is what runs
     name = model_name(args.model, args.gguf_file)
     start = tokenizer.convert_ids_to_tokens(settings["start_token_id"]) if settings["start_token_id"] is not None else "none"
     windows = f"max_length={settings['max_length']},stride={settings['stride']},start_token={start}"
@@ -164,9 +171,16 @@ def run(args, ctx):
     started = time.perf_counter()
     rows, payload = [], {"rank": rank}
     writer = PartWriter(args.docs_out, rank=rank, first_part=first_part) if args.docs_out else None
+    surprisal = {}
     try:
-        for part in score_documents(model, tokenizer, todo(), progress=not args.quiet and rank == 0, **options):
-            rows.extend(part)
+        for kind, (path, columns) in surprisal_paths.items():
+            surprisal[kind] = TableWriter(path, columns)
+        for part in score_documents(model, tokenizer, todo(), progress=not args.quiet and rank == 0,
+                                    keep_logprobs=bool(surprisal), **options):
+            if surprisal:
+                _write_surprisal(surprisal, tokenizer, part)
+            if not args.docs_out:  # with --docs-out the rows are on disk, however large the corpus
+                rows.extend(part)
             if writer:
                 writer.add(part)
     except (ValueError, TypeError) as err:  # reported through the gather, so no rank waits for a timeout
@@ -176,6 +190,8 @@ def run(args, ctx):
     finally:
         if writer:
             writer.flush()  # what was scored is kept, also when a bad document stops the run
+        for table in surprisal.values():
+            table.close()
     payload.update(counts=counts, rows=None if args.docs_out else rows)
     gathered = gather_payloads(payload, ctx, timeout=args.timeout) if world_size > 1 else [payload]
     if gathered is None:  # ranks other than 0 are done
@@ -200,6 +216,37 @@ def run(args, ctx):
         del result["perplexities"]  # one per document: they are in the folder, however large the corpus
     _write_outputs(args, result, name=name, windows=windows)
     return result
+
+
+def _surprisal_paths(args, rank, world_size):
+    """`--tokens-out` / `--words-out` paths and columns, checked: a known suffix and no existing
+    file (never overwritten; a resumed run writes a new one). Under several processes each rank
+    writes PATH's stem + `.rankNNNN` + suffix."""
+    paths = {}
+    for kind, path, columns in (("tokens", args.tokens_out, TOKEN_COLUMNS), ("words", args.words_out, WORD_COLUMNS)):
+        if path:
+            path = Path(path)
+            if path.suffix.lower() not in (".parquet", ".csv", ".jsonl"):
+                raise ValueError(f"Expected --{kind}-out to end in .parquet, .csv or .jsonl, but got {str(path)!r}.")
+            if world_size > 1:
+                path = path.with_name(f"{path.stem}.rank{rank:04d}{path.suffix}")
+            if path.exists():
+                raise ValueError(f"The --{kind}-out file {str(path)!r} exists: give a new path (nothing is overwritten; "
+                                 "a resumed run writes the rows it scores to a new file).")
+            paths[kind] = (path, columns)
+    return paths
+
+
+def _write_surprisal(writers, tokenizer, rows):
+    """Token and word rows of scored documents; the texts and log-probs leave the rows after."""
+    for row in rows:
+        text, logprobs = row.pop("text"), row.pop("logprobs")
+        ids, spans = token_spans(tokenizer, text)
+        tokens = token_rows(row["index"], text, ids, spans, logprobs)
+        if "tokens" in writers:
+            writers["tokens"].write(tokens)
+        if "words" in writers:
+            writers["words"].write(word_rows(row["index"], text, tokens))
 
 
 def _report(args, result, gathered, *, limit, name, windows, seconds, world_size):
