@@ -100,12 +100,17 @@ def iter_documents(source=None, *, text_field="text", id_field=None, split="test
         ValueError: a missing or unreadable file, a missing field or column.
     """
     kind = corpus_kind(source)
+    for name, value, minimum in (("limit", limit or 0, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
+    if rank >= world_size:
+        raise ValueError(f"Expected `rank` < world_size={world_size}, but got {rank}.")
     limit = limit or None
     if kind == "pydoc":
         rows = ((None, text) for text in default_corpus())
         return _select(rows, limit, rank, world_size)
     if kind == "dataset":
-        return _select(_dataset_rows(source, text_field, id_field, split, config), limit, rank, world_size)
+        return _select(_dataset_rows(source, text_field, id_field, split, config), limit, rank, world_size, path=source)
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -126,7 +131,7 @@ def _select(rows, limit, rank, world_size, path=None):
                     doc_id, text = text()
                 yield Document(index, str(index) if doc_id is None else str(doc_id), text)
     except (ValueError, csv.Error, OSError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        if str(err).startswith("Could not read corpus"):
+        if str(err).startswith(("Could not read corpus", "Could not load corpus", "The data set")):
             raise
         raise ValueError(f"Could not read corpus {str(path)!r}: {err}") from None
 
@@ -211,6 +216,7 @@ def _json_rows(path, text_field, id_field):
 
 
 def _csv_rows(path, text_field, id_field):
+    csv.field_size_limit(2**31 - 1)  # documents longer than csv's default 128 KiB field limit
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []

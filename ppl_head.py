@@ -133,7 +133,8 @@ def memory_budget(device):
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_BUDGET_FRACTION)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's, free to reuse
+        return int((free + cached) * CUDA_BUDGET_FRACTION)
     import psutil
 
     return int(psutil.virtual_memory().available * CPU_BUDGET_FRACTION)

@@ -82,6 +82,8 @@ class DocumentScorer:
         self.options = dict(batch_size=batch_size, max_length=max_length, stride=stride,
                             max_batch_tokens=max_batch_tokens, add_start_token=add_start_token, **runner_kwargs)
         self.settings = resolve_settings(self.model, self.tokenizer, **self.options)  # bad settings fail here
+        # the batch budget is fixed now: resolved again per call, a dip in free memory would flag every row
+        self.options["max_batch_tokens"] = self.settings["max_batch_tokens"]
 
     def __call__(self, batch):
         if self.text_column not in batch.columns:
@@ -148,6 +150,12 @@ def _column(values, dtype):
     return pd.Series(values, dtype=dtype) if dtype != "object" else pd.Series(values, dtype=object)
 
 
+def _missing(value):
+    import pandas as pd
+
+    return value is None or (not isinstance(value, (list, dict)) and bool(pd.isna(value)))
+
+
 class _Numbering:
     """Adds `index`, the row's position in the corpus, to rows that arrive in corpus order
     (one actor, with `preserve_order`): the one process's document index."""
@@ -158,8 +166,10 @@ class _Numbering:
     def __call__(self, batch):
         out = batch.copy()
         out["index"] = range(self.next, self.next + len(batch))
-        source = out[self.id_column] if self.id_column else out["index"]
-        out["id"] = [None if v is None else str(v) for v in source.tolist()]
+        ids = out[self.id_column].astype(object) if self.id_column else out["index"]
+        # as the local reader: str(value), the index where there is none (pandas turns ints with nulls into floats)
+        out["id"] = [str(i) if _missing(v) else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+                     for i, v in zip(out["index"], ids.tolist())]
         self.next += len(batch)
         return out
 

@@ -145,3 +145,15 @@ def test_fingerprint_follows_the_content_not_the_name(tmp_path):
     c = _write(tmp_path / "c.jsonl", TEXTS[::-1], "jsonl")
     assert corpus_fingerprint(str(a)) == corpus_fingerprint(str(b)) != corpus_fingerprint(str(c))
     assert corpus_fingerprint(str(a)) != corpus_fingerprint(str(a), text_field="doc")
+
+
+def test_csv_documents_longer_than_csvs_default_field_limit(tmp_path):
+    path = _write(tmp_path / "big.csv", ["short", "x" * 150_000], "csv")
+    assert [len(d.text) for d in iter_documents(str(path))] == [5, 150_000]
+
+
+@pytest.mark.parametrize("kwargs, match", [({"world_size": 0}, "`world_size`"), ({"limit": -1}, "`limit`"),
+                                           ({"rank": 2, "world_size": 2}, "`rank` < world_size=2")])
+def test_bad_shard_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        list(iter_documents(None, **kwargs))
