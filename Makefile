@@ -31,4 +31,4 @@ test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_core.py && $(PY) benchmarks/bench_runner.py
+	for b in core runner memory corpus ray trainer; do $(PY) benchmarks/bench_$$b.py || exit 1; done
