@@ -8,6 +8,7 @@ model's own logits) for heads that do more than one linear layer: logit soft-cap
 (Gemma 2), logit scaling (Cohere, Granite), hidden-state scaling before the head, custom heads.
 """
 
+import os
 import weakref
 
 import torch
@@ -129,7 +130,8 @@ def bytes_per_token(model, fused):
 
 
 def memory_budget(device):
-    """Bytes a batch may use on `device`: a share of free CUDA memory, else of available RAM."""
+    """Bytes a batch may use on `device`: a share of free CUDA memory, else of available RAM,
+    which the processes of one machine share (LOCAL_WORLD_SIZE, set by torchrun and accelerate)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -137,4 +139,5 @@ def memory_budget(device):
         return int((free + cached) * CUDA_BUDGET_FRACTION)
     import psutil
 
-    return int(psutil.virtual_memory().available * CPU_BUDGET_FRACTION)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return int(psutil.virtual_memory().available * CPU_BUDGET_FRACTION / max(1, local_processes))

@@ -116,6 +116,7 @@ def test_a_scaled_config_head_falls_back_by_its_attribute():
 
 def test_budget_honours_batch_size(tiny, monkeypatch):
     model, tokenizer = tiny
+    ppl_head.fused_head(model)  # the probe runs once, before the hook counts forward passes
     calls = []
     hook = model.transformer.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
                                                    with_kwargs=True)
@@ -212,3 +213,12 @@ def test_cli_device_map_and_the_batching_line(tiny_dir, tmp_path):
     shown = float(on_cpu.split("Perplexity")[1].split()[0])
     assert placed["perplexity"] == pytest.approx(shown, rel=max(AUTO_VS_CPU_REL, 5e-5))  # the report prints 4 decimals
     assert placed["settings"]["head"] == "fused"
+
+
+def test_cpu_budget_is_shared_by_the_processes_of_a_machine(monkeypatch):
+    import ppl_head
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = ppl_head.memory_budget("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert ppl_head.memory_budget("cpu") == pytest.approx(alone / 4, rel=0.2)  # available RAM moves a little
