@@ -112,12 +112,14 @@ CPU_BUDGET_FRACTION = 0.25  # of the RAM available when scoring starts
 CUDA_BUDGET_FRACTION = 0.7  # of the free device memory (the model is loaded already)
 
 
-def bytes_per_token(model, fused):
+def bytes_per_token(model, fused, max_length=None):
     """Memory one input token of a batch needs while scoring, estimated from the config.
 
     Activations of one layer at a time: ~16 hidden-sized and ~8 intermediate-sized values per
     token (calibrated on SmolLM2-135M in float32: ~86 KB per token, where NOTES.md measured
-    75-100 KB), plus, without the fused head, the token's row of float32 logits.
+    75-100 KB), plus, without the fused head, the token's row of float32 logits, plus, with
+    eager attention (which keeps each head's scores and their softmax), 2 x heads x
+    `max_length` values.
     """
     config = model.config
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024
@@ -126,6 +128,9 @@ def bytes_per_token(model, fused):
     per_token = element * (16 * hidden + 8 * inner)
     if not fused:
         per_token += 4 * (getattr(config, "vocab_size", None) or model.get_output_embeddings().weight.shape[0])
+    if max_length and getattr(config, "_attn_implementation", None) == "eager":
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+        per_token += 2 * element * heads * max_length
     return per_token
 
 

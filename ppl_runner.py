@@ -252,7 +252,7 @@ def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, m
         raise ValueError(f"Expected `head` 'auto' (the fused head where it is exact) or 'logits' (the model's own), "
                          f"but got {head!r}.")
     fused = head == "auto" and fused_head(model) is not None
-    per_token = bytes_per_token(model, fused)
+    per_token = bytes_per_token(model, fused, max_length)
     if max_batch_tokens is None:  # as many tokens as the memory budget holds, up to batch_size full windows
         budget = memory_budget(_input_device(model))
         if budget < per_token * max_length:

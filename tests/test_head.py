@@ -222,3 +222,11 @@ def test_cpu_budget_is_shared_by_the_processes_of_a_machine(monkeypatch):
     alone = ppl_head.memory_budget("cpu")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert ppl_head.memory_budget("cpu") == pytest.approx(alone / 4, rel=0.2)  # available RAM moves a little
+
+
+def test_eager_attention_adds_its_scores_to_the_budget(tiny):
+    model, tokenizer = tiny
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    base = resolve_settings(model, tokenizer, max_length=64)["bytes_per_token"]
+    assert resolve_settings(eager, tokenizer, max_length=64)["bytes_per_token"] == base + 2 * 4 * 2 * 64  # 2 heads
