@@ -25,7 +25,7 @@ from ppl_dist import DEFAULT_TIMEOUT, DistributedScoringError, barrier, distribu
 from ppl_docs import PartWriter, prepare, read_rows, write_manifest
 from ppl_runner import pool_rows, resolve_settings, score_documents
 from ppl_sources import load_model, model_name
-from ppl_tokens import TOKEN_COLUMNS, WORD_COLUMNS, TableWriter, token_rows, token_spans, word_rows
+from ppl_tokens import TOKEN_COLUMNS, WORD_COLUMNS, TableWriter, document_token_rows, word_rows
 
 DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about 25 s on 2 CPU cores)
 
@@ -240,13 +240,12 @@ def _surprisal_paths(args, rank, world_size):
 def _write_surprisal(writers, tokenizer, rows):
     """Token and word rows of scored documents; the texts and log-probs leave the rows after."""
     for row in rows:
-        text, logprobs = row.pop("text"), row.pop("logprobs")
-        ids, spans = token_spans(tokenizer, text)
-        tokens = token_rows(row["index"], text, ids, spans, logprobs)
+        tokens = document_token_rows(tokenizer, row)
         if "tokens" in writers:
             writers["tokens"].write(tokens)
         if "words" in writers:
-            writers["words"].write(word_rows(row["index"], text, tokens))
+            writers["words"].write(word_rows(row["index"], row["text"], tokens))
+        del row["text"], row["logprobs"]
 
 
 def _report(args, result, gathered, *, limit, name, windows, seconds, world_size):

@@ -505,12 +505,13 @@ def evaluate_texts(model, tokenizer, texts=None, *, contexts=None, conversations
     `num_documents`; `seed` seeds the bootstrap.
     """
     texts = check_items(texts, contexts=contexts, conversations=conversations, tokenizer=tokenizer)
-    rows = [row for part in score_documents(model, tokenizer, _numbered(texts), **runner_kwargs) for row in part]
-    return pool_rows(rows, bootstrap_resamples=bootstrap_resamples, seed=seed)
+    return pool_rows(text_rows(model, tokenizer, texts, **runner_kwargs), bootstrap_resamples=bootstrap_resamples, seed=seed)
 
 
-def _numbered(texts):
-    return ((i, None, text) for i, text in enumerate(texts))
+def text_rows(model, tokenizer, texts, **runner_kwargs):
+    """`score_documents`'s rows for a list of texts (errors name `texts[i]`), in order."""
+    documents = ((i, None, text) for i, text in enumerate(texts))
+    return [row for part in score_documents(model, tokenizer, documents, **runner_kwargs) for row in part]
 
 
 def check_items(texts=None, *, contexts=None, conversations=None, tokenizer=None, name="texts"):
@@ -576,7 +577,7 @@ def check_texts(texts, name="texts"):
 
 def nll_per_text(model, tokenizer, texts, **runner_kwargs):
     """Per-text NLL sums (summed exactly with fsum) and scored-token counts, in input order."""
-    rows = [row for part in score_documents(model, tokenizer, _numbered(texts), **runner_kwargs) for row in part]
+    rows = text_rows(model, tokenizer, texts, **runner_kwargs)
     return [row["nll"] for row in rows], [row["num_tokens"] for row in rows]
 
 

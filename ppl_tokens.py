@@ -3,7 +3,6 @@ rows and word rows from the runner's log-probabilities, and files written as sco
 The Space's per-token view and `ppl_cli.py --tokens-out/--words-out` use these functions."""
 
 import bisect
-import collections
 import csv
 import json
 import math
@@ -11,9 +10,9 @@ import re
 from pathlib import Path
 
 if __package__:
-    from .ppl_runner import score_texts
+    from .ppl_runner import score_documents
 else:
-    from ppl_runner import score_texts
+    from ppl_runner import score_documents
 
 TOKEN_COLUMNS = ("document", "position", "token_id", "token", "start", "end", "logprob", "surprisal")
 WORD_COLUMNS = ("document", "word", "text", "start", "end", "num_tokens", "surprisal")
@@ -72,22 +71,18 @@ def word_rows(document, text, tokens):
             for k, ((a, b), (n, s)) in enumerate(zip(words, totals))]
 
 
+def document_token_rows(tokenizer, row):
+    """Token rows of one `score_documents` row scored with `keep_logprobs` (its `text` and `logprobs`)."""
+    ids, spans = token_spans(tokenizer, row["text"])
+    return token_rows(row["index"], row["text"], ids, spans, row["logprobs"])
+
+
 def score_tokens(model, tokenizer, texts, **runner_kwargs):
     """Per-token rows of every text, streamed: yields `(document index, token rows)` per text."""
-    texts = iter(texts)
-    pending, index = collections.deque(), 0
-
-    def stream():
-        for text in texts:
-            pending.append(text)
-            yield text
-
-    for batch in score_texts(model, tokenizer, stream(), **runner_kwargs):
-        for logprobs in batch["predictions"]:
-            text = pending.popleft()
-            ids, spans = token_spans(tokenizer, text)
-            yield index, token_rows(index, text, ids, spans, logprobs)
-            index += 1
+    documents = ((i, None, text) for i, text in enumerate(texts))
+    for part in score_documents(model, tokenizer, documents, keep_logprobs=True, **runner_kwargs):
+        for row in part:
+            yield row["index"], document_token_rows(tokenizer, row)
 
 
 class TableWriter:

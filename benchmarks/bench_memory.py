@@ -130,8 +130,9 @@ def run_small(method):
     return {"seconds": time.perf_counter() - started, "tokens": n}
 
 
-def measure(*args):
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
+def measure(*args, script=__file__):
+    """`script --child ARGS` in its own process (so its peak memory is its own); its last line, parsed."""
+    out = subprocess.run([sys.executable, script, "--child", json.dumps(args)], capture_output=True, text=True,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if out.returncode:
         sys.exit(f"child {args} failed:\n{out.stderr[-3000:]}")

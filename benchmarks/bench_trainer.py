@@ -19,12 +19,12 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-from bench_memory import WIKITEXT, _hwm_mb, _reset_peak, cpu_name  # also puts the repository on sys.path
+import bench_memory  # also puts the repository on sys.path
+from bench_memory import WIKITEXT, _hwm_mb, _reset_peak, cpu_name
 
 MAX_TOKENS = 128
 
@@ -99,11 +99,7 @@ def run_one(method, paragraphs, batch_size):
 
 
 def measure(*args):
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    if out.returncode:
-        sys.exit(f"child {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return bench_memory.measure(*args, script=__file__)
 
 
 def main():
