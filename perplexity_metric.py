@@ -21,6 +21,7 @@ import torch
 # read by it and never executed by Python.
 _SIBLING_FILES_FOR_EVALUATE_LOAD = '''
 from .ppl_core import perplexity
+from .ppl_compare import pool_comparison
 from .ppl_head import fused_head
 from .ppl_runner import score_texts
 from .ppl_sources import load_model

@@ -37,10 +37,11 @@ class FusedHead:
         out = self.body(**inputs, use_cache=False, return_dict=True)
         return out.last_hidden_state
 
-    def logit_chunks(self, hidden):
-        """Logits of `hidden (positions, hidden)` in chunks: yields `(start, logits (rows, vocab))`."""
+    def logit_chunks(self, hidden, rows=None):
+        """Logits of `hidden (positions, hidden)` in chunks of `rows` positions (default: about
+        HEAD_CHUNK_BYTES of logits): yields `(start, logits (rows, vocab))`."""
         layer_device = _device_of(self.output_layer, hidden.device)
-        rows = max(1, HEAD_CHUNK_BYTES // (self.vocab_size * max(4, hidden.element_size())))
+        rows = rows or chunk_rows(self.vocab_size, hidden.element_size())
         for start in range(0, hidden.shape[0], rows):
             yield start, self.output_layer(hidden[start : start + rows].to(layer_device))
 
@@ -55,6 +56,40 @@ class FusedHead:
             chunk = labels[start : start + len(logits)].to(logits.device)
             out[start : start + len(logits)] = -target_nll(logits[None], chunk[None])[0].cpu()
         return out
+
+
+def chunk_rows(vocab_size, element_size=4):
+    """Positions per chunk of logits: about HEAD_CHUNK_BYTES of them (at least float32)."""
+    return max(1, HEAD_CHUNK_BYTES // (vocab_size * max(4, element_size)))
+
+
+def scored_logits(model, head, inputs, mask, *, keeps_logits=False, rows=None):
+    """Logits at the scored positions (`mask (batch, width)`, row-major order) of one batch, in
+    chunks of `rows` positions: yields `(start, logits (rows, vocab))`.
+
+    With a `FusedHead` the body runs once and the output layer per chunk (never the whole
+    `[batch, width, vocab]`); otherwise the model's own logits, trimmed with `logits_to_keep`
+    where the model takes it. `inputs` may be on any device: they go to the model's.
+    """
+    device = model.get_input_embeddings().weight.device
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    if head is not None:
+        hidden = head.hidden_states(**inputs)
+        yield from head.logit_chunks(hidden[mask.to(hidden.device)], rows)
+        return
+    kwargs, first = {}, 0
+    if keeps_logits:  # only the trailing positions that hold a scored label need logits
+        first = int(mask.int().argmax(-1).min())
+        kwargs["logits_to_keep"] = mask.shape[1] - first
+    logits = model(**inputs, **kwargs).logits  # (batch, kept, vocab)
+    mask = mask[:, first:].to(logits.device)
+    rows = rows or chunk_rows(logits.shape[-1], logits.element_size())
+    start = 0
+    for b in range(len(logits)):  # row by row: a copy of one row's scored logits at most
+        scored = logits[b][mask[b]]
+        for i in range(0, len(scored), rows):
+            yield start + i, scored[i : i + rows]
+        start += len(scored)
 
 
 def fused_head(model):

@@ -18,11 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 if __package__:
+    from .ppl_compare import ModelReference, SavedReference, pool_comparison, token_stats
     from .ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
-    from .ppl_head import bytes_per_token, fused_head, memory_budget
+    from .ppl_head import bytes_per_token, fused_head, memory_budget, scored_logits
 else:
+    from ppl_compare import ModelReference, SavedReference, pool_comparison, token_stats
     from ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
-    from ppl_head import bytes_per_token, fused_head, memory_budget
+    from ppl_head import bytes_per_token, fused_head, memory_budget, scored_logits
 
 TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
 # A chunk also ends past this many characters (~16k tokens: well under a minute on a CPU), so
@@ -124,9 +126,9 @@ def _input_device(model):
     return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
 
 
-def _score_batch(model, sequences, masks, windows, pad_id, left_pad, device, keeps_logits, head):
-    """Target log-probs of one batch of windows: a list of float64 tensors, one per window.
-    `masks[t]` (None: every target) says which targets of sequence t are scored."""
+def _batch_tensors(sequences, masks, windows, pad_id, left_pad):
+    """Model inputs (on the CPU), labels (-100: not scored) and the scored mask of one batch of
+    windows. `masks[t]` (None: every target) says which targets of sequence t are scored."""
     lengths = [stop - start for _, start, stop, _ in windows]
     width = max(lengths)
     input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
@@ -144,8 +146,13 @@ def _score_batch(model, sequences, masks, windows, pad_id, left_pad, device, kee
             row_labels[~torch.tensor(masks[t][start + 1 : stop + 1])] = -100
         labels[row, cols] = row_labels
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # positions restart in each window
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "position_ids": position_ids.to(device)}
-    mask = labels != -100
+    inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
+    return inputs, labels, labels != -100
+
+
+def _score_batch(model, inputs, labels, mask, device, keeps_logits, head):
+    """Target log-probs of one batch of windows: a float64 tensor per window."""
+    inputs = {name: value.to(device) for name, value in inputs.items()}
     if head is not None:  # the body once, then the head chunk by chunk over the scored positions only
         hidden = head.hidden_states(**inputs)  # (batch, width, hidden)
         logprobs = head.target_logprobs(hidden[mask.to(hidden.device)], labels[mask])
@@ -153,11 +160,11 @@ def _score_batch(model, sequences, masks, windows, pad_id, left_pad, device, kee
     kwargs = {}
     if keeps_logits:  # only the trailing positions that hold a scored label need logits
         first_scored = int(mask.int().argmax(-1).min())
-        kwargs["logits_to_keep"] = width - first_scored
+        kwargs["logits_to_keep"] = labels.shape[1] - first_scored
         labels, mask = labels[:, first_scored:], mask[:, first_scored:]
     logits = model(**inputs, **kwargs).logits  # (batch, kept positions, vocab)
     logprobs = -target_nll(logits, labels.to(logits.device), ignore_index=-100).cpu()
-    return [logprobs[row][mask[row]] for row in range(len(windows))]
+    return [logprobs[row][mask[row]] for row in range(len(labels))]
 
 
 def score_texts(
@@ -173,6 +180,7 @@ def score_texts(
     padding_side=None,
     head="auto",
     contexts=None,
+    compare=None,
     progress=True,
 ):
     """Score texts with a causal LM: an iterator of `{"predictions", "references"}` batches for the metric.
@@ -202,6 +210,9 @@ def score_texts(
         contexts: one string per text, fed before it but not scored (lm-evaluation-harness's
             `loglikelihood`: `predictions` then hold only the continuation's log-probs).
             Texts may also be `Pair(context, continuation)` or `Chat(messages)` items.
+        compare: a `ppl_compare` reference (a model, a saved file, or a recorder) run on the
+            same batches; each batch then also has `columns`: per text, a float64 tensor
+            `(targets, len(ppl_compare.COLUMNS))` (a recorder: its records).
         progress: show a tqdm bar (on terminals) counting scored tokens.
 
     Raises:
@@ -211,7 +222,7 @@ def score_texts(
     """
     settings = resolve_settings(model, tokenizer, batch_size=batch_size, add_start_token=add_start_token,
                                 max_length=max_length, stride=stride, max_batch_tokens=max_batch_tokens,
-                                padding_side=padding_side, head=head)
+                                padding_side=padding_side, head=head, compare=compare)
     if isinstance(texts, str):
         raise TypeError("Expected `texts` to be a list of strings, but got a single string; wrap it in a list.")
     if not hasattr(texts, "__iter__"):
@@ -220,11 +231,11 @@ def score_texts(
         if isinstance(contexts, str) or not hasattr(contexts, "__iter__"):
             raise TypeError(f"Expected `contexts` to be a list of strings, but got {type(contexts).__name__}.")
         texts = _pairs(contexts, texts)
-    return _score_stream(model, tokenizer, texts, settings, progress)  # checks above run now, not at the first next()
+    return _score_stream(model, tokenizer, texts, settings, progress, compare)  # checks above run now, not at the first next()
 
 
 def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, max_length=None, stride=None,
-                     max_batch_tokens=None, padding_side=None, head="auto"):
+                     max_batch_tokens=None, padding_side=None, head="auto", compare=None):
     """The scoring settings `score_texts` will use, checked, with defaults filled in.
 
     Returns a dict with `max_length`, `stride`, `batch_size`, `max_batch_tokens`,
@@ -253,6 +264,10 @@ def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, m
                          f"but got {head!r}.")
     fused = head == "auto" and fused_head(model) is not None
     per_token = bytes_per_token(model, fused, max_length)
+    start_id = start_token_id(tokenizer) if add_start_token else None
+    if compare is not None:  # a reference of another vocabulary fails here, before anything runs
+        per_token += compare.check(model, tokenizer, {"max_length": max_length, "stride": stride, "start_token_id": start_id,
+                                                      "head": "fused" if fused else "logits"})
     if max_batch_tokens is None:  # as many tokens as the memory budget holds, up to batch_size full windows
         budget = memory_budget(_input_device(model))
         if budget < per_token * max_length:
@@ -272,18 +287,25 @@ def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, m
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
         "padding_side": padding_side,
-        "start_token_id": start_token_id(tokenizer) if add_start_token else None,
+        "start_token_id": start_id,
         "head": "fused" if fused else "logits",
         "bytes_per_token": per_token,
     }
 
 
-def _score_stream(model, tokenizer, texts, settings, progress):
+def _score_stream(model, tokenizer, texts, settings, progress, compare=None):
     start_id = settings["start_token_id"]
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     head = fused_head(model) if settings["head"] == "fused" else None
     device = _input_device(model)
+
+    def score_batch(inputs, labels, mask, spans):
+        if compare is None:
+            return _score_batch(model, inputs, labels, mask, device, keeps_logits, head)
+        chunks = lambda rows: scored_logits(model, head, inputs, mask, keeps_logits=keeps_logits, rows=rows)  # noqa: E731
+        return list(compare.score_batch(chunks, inputs, mask, labels[mask], spans).split(mask.sum(-1).tolist()))
+
     was_training = model.training
     model.eval()
     bar = tqdm(total=0, unit="tok", desc="scoring", disable=None if progress else True)
@@ -291,11 +313,19 @@ def _score_stream(model, tokenizer, texts, settings, progress):
         offset = 0
         for chunk in _chunks(texts):
             sequences, masks = _tokenize(tokenizer, chunk, offset, start_id)
-            bar.total += sum(len(s) - 1 if m is None else sum(m) for s, m in zip(sequences, masks))
+            counts = [len(s) - 1 if m is None else sum(m) for s, m in zip(sequences, masks)]
+            bar.total += sum(counts)
             bar.refresh()
+            if compare is not None:
+                compare.start_chunk(counts)
             with torch.inference_mode():
-                batch = _score_chunk(model, sequences, masks, offset, settings, pad_id, device, (keeps_logits, head), bar)
+                values = _score_chunk(sequences, masks, offset, settings, pad_id, score_batch, bar)
             offset += len(chunk)
+            batch = {"predictions": [(v if v.ndim == 1 else v[:, 0]).tolist() for v in values],
+                     "references": [seq[1:] if mask is None else [x for x, m in zip(seq, mask) if m]
+                                    for seq, mask in zip(sequences, masks)]}
+            if compare is not None:
+                batch["columns"] = values
             yield batch  # outside inference mode: the caller's loop body must not run in it
     finally:
         bar.close()
@@ -399,31 +429,32 @@ def _encode_chat(tokenizer, messages):
     return list(encoding["input_ids"]), [False] + mask[1:]
 
 
-def _score_chunk(model, sequences, masks, offset, settings, pad_id, device, path, bar):
-    windows = []
+def _score_chunk(sequences, masks, offset, settings, pad_id, score_batch, bar):
+    """Per-text results of one chunk: float64 tensors, `(targets,)` or `(targets, columns)`."""
+    windows, spans, seen = [], [], [0] * len(sequences)
     for t, (seq, mask) in enumerate(zip(sequences, masks)):
         for start, stop, num_scored in plan_windows(len(seq), settings["max_length"], settings["stride"]):
-            if mask is None or any(mask[stop - num_scored + 1 : stop + 1]):  # windows with nothing to score are skipped
+            count = num_scored if mask is None else sum(mask[stop - num_scored + 1 : stop + 1])
+            if count:  # windows with nothing to score are skipped
                 windows.append((t, start, stop, num_scored))
+                spans.append((t, seen[t], count))  # which of text t's scored targets this window holds
+                seen[t] += count
     pieces = [None] * len(windows)
     lengths = [stop - start for _, start, stop, _ in windows]
     for batch in pack_batches(lengths, settings["batch_size"], settings["max_batch_tokens"]):
         try:
-            scored = _score_batch(model, sequences, masks, [windows[i] for i in batch], pad_id,
-                                  settings["padding_side"] == "left", device, *path)
+            tensors = _batch_tensors(sequences, masks, [windows[i] for i in batch], pad_id, settings["padding_side"] == "left")
+            scored = score_batch(*tensors, [spans[i] for i in batch])
         except ValueError as err:  # name the texts, not the batch's rows
             texts = sorted({offset + windows[i][0] for i in batch})
             raise ValueError(f"Scoring `texts` {texts} failed (with float16, try bfloat16 or float32): {err}") from None
-        for i, logprobs in zip(batch, scored):
-            pieces[i] = logprobs
+        for i, values in zip(batch, scored):
+            pieces[i] = values
         bar.update(sum(len(x) for x in scored))
     per_text = [[] for _ in sequences]
-    for (t, *_), logprobs in zip(windows, pieces):  # windows are in text order, then position order
-        per_text[t].append(logprobs)
-    return {
-        "predictions": [torch.cat(parts).tolist() for parts in per_text],
-        "references": [seq[1:] if mask is None else [x for x, m in zip(seq, mask) if m] for seq, mask in zip(sequences, masks)],
-    }
+    for (t, *_), values in zip(windows, pieces):  # windows are in text order, then position order
+        per_text[t].append(values)
+    return [torch.cat(parts) for parts in per_text]
 
 
 def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runner_kwargs):
@@ -434,13 +465,15 @@ def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runne
     negative log-likelihood in nats, summed exactly in float64), `perplexity`, and
     lm-evaluation-harness's `num_words` and `num_bytes`. This is the one scorer behind text
     mode, the command line's `--docs-out`, and every multi-process route. With
-    `keep_logprobs`, rows also hold `text` and the per-token `logprobs`.
+    `keep_logprobs`, rows also hold `text` and the per-token `logprobs`. With a `compare`
+    reference (`ppl_compare`), rows also hold its `token_stats` (a recorder: `record`).
 
     Raises:
         TypeError, ValueError: a text that is not a string, is empty, or has no token to
             score; the message names the document's index and id.
     """
     pending = collections.deque()  # documents handed to score_texts whose rows are not out yet
+    compare = runner_kwargs.get("compare")
 
     def texts():
         for index, doc_id, text in documents:
@@ -449,6 +482,8 @@ def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runne
             if not _scored_text(text):
                 raise ValueError(f"Expected {_label(index, doc_id)} to have at least one token to score, but it is empty.")
             pending.append((index, doc_id, text))
+            if compare is not None:
+                compare.expect(index)
             yield text
 
     stream = score_texts(model, tokenizer, texts(), **runner_kwargs)
@@ -464,7 +499,7 @@ def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runne
                 return _label(*pending[k][:2]) if 0 <= k < len(pending) else match.group(0)
             raise ValueError(re.sub(r"`texts\[(\d+)\]`", name, str(err))) from None
         rows = []
-        for logprobs in batch["predictions"]:
+        for k, logprobs in enumerate(batch["predictions"]):
             index, doc_id, text = pending.popleft()
             nll, count = -math.fsum(logprobs), len(logprobs)
             words, num_bytes = text_units(_scored_text(text))
@@ -472,6 +507,10 @@ def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runne
                          "perplexity": math.exp(nll / count), "num_words": words, "num_bytes": num_bytes})
             if keep_logprobs:
                 rows[-1].update(text=text, logprobs=logprobs)
+            if compare is not None and compare.kind == "record":
+                rows[-1]["record"] = batch["columns"][k]
+            elif compare is not None:
+                rows[-1].update(token_stats(batch["columns"][k], keep_tokens=keep_logprobs))
         consumed += len(rows)
         yield rows
 
@@ -490,8 +529,8 @@ def _label(index, doc_id):
     return f"`texts[{index}]`" if doc_id is None else f"document {index} (id {doc_id!r})"
 
 
-def evaluate_texts(model, tokenizer, texts=None, *, contexts=None, conversations=None, bootstrap_resamples=1000, seed=0,
-                   **runner_kwargs):
+def evaluate_texts(model, tokenizer, texts=None, *, contexts=None, conversations=None, reference_model=None,
+                   reference_tokenizer=None, reference_file=None, bootstrap_resamples=1000, seed=0, **runner_kwargs):
     """The metric's text-mode result for `texts`: `score_documents` pooled by the core.
 
     With `contexts` (one string per text) each text is a continuation scored after its
@@ -503,8 +542,20 @@ def evaluate_texts(model, tokenizer, texts=None, *, contexts=None, conversations
     sum of its scored log-probabilities in nats) plus lm-evaluation-harness's
     `word_perplexity`, `byte_perplexity`, `bits_per_byte` (of the scored text) and
     `num_documents`; `seed` seeds the bootstrap.
+
+    With `reference_model` (and `reference_tokenizer`, default `tokenizer`) or a
+    `reference_file` (written by the command line's `--save-reference`), both score the same
+    windows and the result also has `ppl_compare.pool_comparison`'s keys.
     """
     texts = check_items(texts, contexts=contexts, conversations=conversations, tokenizer=tokenizer)
+    if reference_model is not None and reference_file is not None:
+        raise ValueError("Expected either `reference_model` or `reference_file`, but got both.")
+    if reference_tokenizer is not None and reference_model is None:
+        raise ValueError("Expected `reference_model` together with `reference_tokenizer`.")
+    if reference_model is not None:
+        runner_kwargs["compare"] = ModelReference(reference_model, reference_tokenizer)
+    elif reference_file is not None:
+        runner_kwargs["compare"] = SavedReference(reference_file)
     return pool_rows(text_rows(model, tokenizer, texts, **runner_kwargs), bootstrap_resamples=bootstrap_resamples, seed=seed)
 
 
@@ -601,6 +652,8 @@ def pool_rows(rows, *, bootstrap_resamples=1000, seed=0):
                                sum(row["num_bytes"] for row in rows)))
     result["log_likelihoods"] = [-nll for nll in nll_sums]
     result["num_documents"] = len(rows)
+    if "reference_nll" in rows[0]:  # scored against a reference
+        result.update(pool_comparison(rows, bootstrap_resamples=bootstrap_resamples, seed=seed))
     return result
 
 

@@ -224,3 +224,20 @@ def _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code, pl
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"Could not load model {model_id!r}: {first_line}") from None
     return (model if placement is not None else model.to(device)).eval(), tokenizer
+
+
+def quantize_dynamic_int8(model):
+    """A copy of `model` with torch's dynamic int8 quantization of every linear layer but the
+    output layer (int8 weights, activations quantized per batch at run time; CPU only): a real
+    quantized variant that runs here, for comparisons against the original. `model` is unchanged."""
+    import warnings
+
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
+        raise ValueError("Expected a float32 model on the CPU for dynamic int8 quantization (torch runs it there only).")
+    output = model.get_output_embeddings()
+    layers = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not output}
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model), {name: default_dynamic_qconfig for name in layers}, dtype=torch.qint8).eval()
