@@ -18,11 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 if __package__:
-    from .ppl_compare import ModelReference, SavedReference, pool_comparison, token_stats
+    from .ppl_compare import (SAMPLES, TOP_K, ModelReference, Recorder, ReferenceWriter, SavedReference, logits_width,
+                              pool_comparison, token_stats, tokenizer_fingerprint)
     from .ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
     from .ppl_head import bytes_per_token, fused_head, memory_budget, scored_logits
 else:
-    from ppl_compare import ModelReference, SavedReference, pool_comparison, token_stats
+    from ppl_compare import (SAMPLES, TOP_K, ModelReference, Recorder, ReferenceWriter, SavedReference, logits_width,
+                             pool_comparison, token_stats, tokenizer_fingerprint)
     from ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
     from ppl_head import bytes_per_token, fused_head, memory_budget, scored_logits
 
@@ -664,3 +666,30 @@ def pool_texts(nll_sums, counts, texts, *, bootstrap_resamples=1000, seed=0):
     rows = [{"index": i, "id": None, "nll": nll, "num_tokens": count, **dict(zip(("num_words", "num_bytes"), text_units(text)))}
             for i, (nll, count, text) in enumerate(zip(nll_sums, counts, texts))]
     return pool_rows(rows, bootstrap_resamples=bootstrap_resamples, seed=seed)
+
+
+def save_reference(model, tokenizer, documents, path, *, meta=None, top_k=None, samples=None, seed=0, **runner_kwargs):
+    """Score `(index, id, text)` documents with the reference model alone and write, per scored
+    token, what a later comparison needs (`ppl_compare.ReferenceWriter`: the top-k log-probs and
+    tokens sampled from the rest, 16 + 8 (top_k + samples) bytes per token) to `path`, with the
+    window settings, the tokenizer's fingerprint and `meta` (e.g. the corpus's). Returns the
+    rows (without their records); `evaluate_texts(..., reference_file=path)` and the command
+    line's `--reference-file` compare a model against the file.
+    """
+    recorder = Recorder(top_k=TOP_K if top_k is None else top_k, samples=SAMPLES if samples is None else samples, seed=seed)
+    settings = resolve_settings(model, tokenizer, **{k: v for k, v in runner_kwargs.items() if k != "progress"}, compare=recorder)
+    header = {"top_k": recorder.top_k, "samples": recorder.samples, "seed": seed, "vocab_size": logits_width(model),
+              "tokenizer": tokenizer_fingerprint(tokenizer), "settings": {k: settings[k] for k in ("max_length", "stride", "start_token_id")},
+              **(meta or {})}
+    writer = ReferenceWriter(path, header)
+    rows, complete = [], False
+    try:
+        for part in score_documents(model, tokenizer, documents, compare=recorder, **runner_kwargs):
+            writer.write(part)
+            for row in part:
+                del row["record"]
+            rows.extend(part)
+        complete = True
+    finally:
+        writer.close(complete)
+    return rows
