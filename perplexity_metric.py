@@ -111,6 +111,11 @@ Args ("text" configuration):
         compute with the same texts, scores its shard, and returns the whole result (the
         same numbers as one process); a peer missing for `distributed_timeout` seconds
         (default 1800) is an error naming its rank. Not with `num_process` > 1.
+    reference_model, reference_tokenizer (optional; the tokenizer defaults to `tokenizer`), or
+        reference_model_id / reference_gguf_file / reference_dtype (default: the model's own
+        checkpoint, e.g. `reference_dtype="float32"` against a bfloat16 model), or
+        reference_file (written by `ppl_cli.py --save-reference`): compare the model with a
+        reference on the same windows; the result gains the keys below.
 
 Returns:
     perplexity: token-weighted corpus perplexity, exp(total NLL / total tokens).
@@ -123,6 +128,12 @@ Returns:
         (None with fewer than two examples).
     Text mode adds word_perplexity, byte_perplexity and bits_per_byte
     (lm-evaluation-harness definitions), num_words, num_bytes and num_documents.
+    With a reference: reference_perplexity, reference_perplexities, perplexity_ratio
+    (perplexity / reference_perplexity) and perplexity_ratio_ci (paired bootstrap over
+    documents), log_perplexity_ratio(_se), kl_divergence (mean KL(reference || model) per
+    token, nats), kl_divergence_se, kl_divergence_sampling_se (0 unless from a file),
+    kl_divergence_quantiles (p50, p90, p99, max), top1_agreement(_se), rms_delta_p,
+    nll_correlation.
 
 Examples:
     Log-probabilities of log(1/4) everywhere give perplexity 4:
@@ -366,7 +377,8 @@ class PerplexityMetric(evaluate.Metric):
 
     def _compute_texts(self, texts, resamples, model_id=None, model=None, tokenizer=None, gguf_file=None,
                        device=None, dtype=None, trust_remote_code=False, device_map=None, distributed=False, distributed_timeout=1800,
-                       contexts=None, conversations=None, **runner_kwargs):
+                       contexts=None, conversations=None, reference_model=None, reference_tokenizer=None,
+                       reference_model_id=None, reference_gguf_file=None, reference_dtype=None, reference_file=None, **runner_kwargs):
         if model is not None and tokenizer is None:
             raise ValueError("Expected a `tokenizer` together with `model`.")
         if model is None and tokenizer is not None:
@@ -377,10 +389,26 @@ class PerplexityMetric(evaluate.Metric):
             given = sorted(k for k, v in loading.items() if v is not None)
             raise TypeError(f"{given} would be ignored with a loaded `model`: pass either `model`/`tokenizer` or the loading options.")
         runner_kwargs["seed"] = self.bootstrap_seed
+        loads_reference = any(v is not None for v in (reference_model_id, reference_gguf_file, reference_dtype))
+        if reference_model is not None and loads_reference:
+            raise TypeError("Expected either `reference_model` or `reference_model_id`/`reference_gguf_file`/`reference_dtype`, "
+                            "but got both.")
+        if distributed and (reference_model is not None or loads_reference or reference_file is not None):
+            raise ValueError("A comparison with a reference runs on one process: pass it without `distributed=True`.")
         if not distributed:
             if model is None:
                 model, tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype,
                                               trust_remote_code=trust_remote_code, device_map=device_map)
+            elif loads_reference and reference_model_id is None and reference_gguf_file is None:
+                raise ValueError("Expected `reference_model_id` or `reference_gguf_file` with a loaded `model`: which checkpoint "
+                                 "`reference_dtype` applies to is known only when the model was loaded by id.")
+            if loads_reference:  # by default the model's own checkpoint, e.g. in another dtype
+                same = reference_model_id is None and reference_gguf_file is None
+                reference_model, reference_tokenizer = load_model(
+                    model_id if same else reference_model_id, gguf_file=gguf_file if same else reference_gguf_file,
+                    device=device, dtype=reference_dtype, trust_remote_code=trust_remote_code, device_map=device_map)
+            runner_kwargs.update(reference_model=reference_model, reference_tokenizer=reference_tokenizer,
+                                 reference_file=reference_file)
             if conversations is not None:
                 return evaluate_texts(model, tokenizer, conversations=conversations, bootstrap_resamples=resamples, **runner_kwargs)
             return evaluate_texts(model, tokenizer, texts, contexts=contexts, bootstrap_resamples=resamples, **runner_kwargs)
