@@ -1,8 +1,10 @@
-"""The perplexity metric's Space: score a text with a language model, or run the metric on
-log-probabilities you already have. No math here: every number comes from the library
-(`ppl_runner.score_texts` / `pool_texts`, `PerplexityMetric`), so
+"""The perplexity metric's Space: score a text with a language model, run the metric on
+log-probabilities you already have, or compare a variant of the model (bfloat16, dynamic int8)
+with a reference on the same text. No math here: every number comes from the library
+(`ppl_runner.score_texts` / `pool_texts` / `text_rows` / `pool_rows`, `PerplexityMetric`), so
 the text tab gives exactly what `evaluate.load("perplexity_metric.py", "text").compute(...)`
-gives for the same text, model and options.
+gives for the same text, model and options, and the compare tab what
+`ppl_runner.evaluate_texts(model, tokenizer, [text], reference_model=reference)` gives.
 
     python app.py              # serves on GRADIO_SERVER_NAME:GRADIO_SERVER_PORT (Gradio's defaults)
 
@@ -15,20 +17,25 @@ Environment:
     PERPLEXITY_APP_QUEUE_SIZE   requests that may wait (default 64)
 """
 
+import copy
+import html
 import json
 import math
 import os
 import re
 import threading
+import weakref
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from perplexity_metric import PerplexityMetric
-from ppl_runner import plan_windows, pool_texts, resolve_settings, score_texts
-from ppl_sources import DEFAULT_MODEL, load_model, model_name
+from ppl_compare import ModelReference
+from ppl_runner import plan_windows, pool_rows, pool_texts, resolve_settings, score_texts, text_rows
+from ppl_sources import DEFAULT_MODEL, load_model, model_name, quantize_dynamic_int8
 from ppl_tokens import token_spans
 
 ROOT = Path(__file__).resolve().parent
@@ -41,6 +48,12 @@ MAX_WORK_FACTOR = 8  # most model input tokens per text token one request may as
 # Per-token colours: the surprisal (NLL, nats) of each token, in four bands.
 SURPRISAL_BANDS = [(1.0, "< 1 nat"), (3.0, "1-3 nats"), (6.0, "3-6 nats"), (math.inf, ">= 6 nats")]
 SURPRISAL_COLOURS = {"< 1 nat": "#2e7d32", "1-3 nats": "#f9a825", "3-6 nats": "#ef6c00", ">= 6 nats": "#c62828"}
+
+# The compare tab: variants of the default model, built once per process and model.
+ORIGINAL, BFLOAT16, INT8 = "float32 (original)", "bfloat16", "dynamic int8"
+VARIANTS = (ORIGINAL, BFLOAT16, INT8)
+DELTA_SCALE = 3.0  # nats of |Δ surprisal| at which a token's colour is at full strength
+DELTA_RED, DELTA_BLUE = (198, 40, 40), (21, 101, 192)
 
 EXAMPLE_TEXT = (
     "Perplexity measures how well a language model predicts a text. It is the exponential of "
@@ -282,6 +295,139 @@ def compute_text(models, text, choice=None, max_length=None, stride=None, add_st
     return summary_markdown(result), highlighted_tokens(tokens), nll_frame(tokens), result
 
 
+# ---------------------------------------------------------------------------------------
+# The compare tab: a variant of the default model against a reference variant
+# ---------------------------------------------------------------------------------------
+
+_variants = weakref.WeakKeyDictionary()  # model -> {variant: built copy}; dies with the model
+_variants_lock = threading.Lock()
+
+
+def model_variant(model, variant):
+    """`model` itself ("float32 (original)"), a bfloat16 copy, or a dynamic int8 copy
+    (`ppl_sources.quantize_dynamic_int8`); each copy is built once per process and model."""
+    if variant not in VARIANTS:
+        offered = ", ".join(repr(v) for v in VARIANTS)
+        raise gr.Error(f"Variant {variant!r} is not offered by this Space; choose one of {offered}.")
+    if variant == ORIGINAL:
+        return model
+    with _variants_lock:  # one build at a time; a second request for it waits and reuses it
+        built = _variants.setdefault(model, {})
+        if variant not in built:
+            try:
+                built[variant] = (copy.deepcopy(model).to(torch.bfloat16).eval() if variant == BFLOAT16
+                                  else quantize_dynamic_int8(model))
+            except ValueError as err:  # e.g. int8 of a model that is not float32 on the CPU
+                raise gr.Error(f"Could not build the {variant} variant: {err}") from None
+        return built[variant]
+
+
+def compare_text(text, model, tokenizer, reference, *, max_length=None, stride=None):
+    """Score one text with `model` against `reference` on the same windows.
+
+    Returns:
+        (result, tokens): `result` is the dict `ppl_runner.evaluate_texts(model, tokenizer, [text],
+        reference_model=reference, max_length=..., stride=...)` returns (the comparison keys
+        included), and `tokens` a list of dicts covering the text in order, one per token:
+        `token` (its piece of the text), and for a scored token `logprob`,
+        `reference_logprob`, `delta_surprisal` (model NLL minus reference NLL, nats), `kl`
+        (KL(reference || model), nats) and `same_top1` (None where unscored).
+    """
+    (row,) = text_rows(model, tokenizer, [text], compare=ModelReference(reference), keep_logprobs=True,
+                       max_length=max_length, stride=stride, progress=False)
+    result = pool_rows([row])
+    pieces = token_pieces(tokenizer, text)
+    unscored = len(pieces) - len(row["logprobs"])
+    tokens = [{"token": piece, "logprob": None, "reference_logprob": None, "delta_surprisal": None, "kl": None,
+               "same_top1": None} for piece in pieces[:unscored]]
+    for piece, lp, ref, kl, same in zip(pieces[unscored:], row["logprobs"], row["reference_logprobs"], row["token_kl"],
+                                        row["token_same_top1"]):
+        tokens.append({"token": piece, "logprob": lp, "reference_logprob": ref, "delta_surprisal": ref - lp, "kl": kl,
+                       "same_top1": same})
+    return result, tokens
+
+
+def _number(value, digits=4):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def compare_markdown(result, variant, reference):
+    """The comparison's numbers as Markdown ("Perplexity ratio 1.2345" first)."""
+    quantiles = result["kl_divergence_quantiles"]
+    interval = result.get("perplexity_ratio_ci")
+    spread = f" (95% interval [{interval[0]:.4f}, {interval[1]:.4f}])" if interval else ""
+    return (
+        f"### Perplexity ratio {result['perplexity_ratio']:.4f}\n\n"
+        f"Model **{variant}** against the reference **{reference}**, on the same {result['num_tokens']} tokens{spread}. "
+        "KL is KL(reference ‖ model) per token, in nats.\n\n"
+        "| model perplexity | reference perplexity | perplexity ratio | KL divergence (mean ± SE) | top-1 agreement | RMS Δp | NLL correlation |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| {result['perplexity']:.4f} | {result['reference_perplexity']:.4f} | {result['perplexity_ratio']:.4f} "
+        f"| {result['kl_divergence']:.4f} ± {result['kl_divergence_se']:.4f} | {100 * result['top1_agreement']:.2f}% "
+        f"| {result['rms_delta_p']:.4f} | {_number(result['nll_correlation'])} |\n\n"
+        "| KL p50 | KL p90 | KL p99 | KL max |\n"
+        "|---|---|---|---|\n"
+        f"| {quantiles['p50']:.4f} | {quantiles['p90']:.4f} | {quantiles['p99']:.4f} | {quantiles['max']:.4f} |"
+    )
+
+
+def delta_colour(delta):
+    """Background for a token's Δ surprisal: red where the model is more surprised than the
+    reference, blue where less, stronger up to `DELTA_SCALE` nats; none for unscored tokens."""
+    if delta is None:
+        return "transparent"
+    red, green, blue = DELTA_RED if delta > 0 else DELTA_BLUE
+    return f"rgba({red}, {green}, {blue}, {min(abs(delta) / DELTA_SCALE, 1.0) * 0.8:.3f})"
+
+
+def token_title(token):
+    if token["kl"] is None:
+        return "not scored"
+    return (f"Δ surprisal {token['delta_surprisal']:+.4f} nats (model {-token['logprob']:.4f}, reference "
+            f"{-token['reference_logprob']:.4f}); KL {token['kl']:.4g}; top-1 {'same' if token['same_top1'] else 'differs'}")
+
+
+def compare_html(tokens):
+    """The text as spans (class `cmp-tok`), one per token, coloured by Δ surprisal, with its
+    per-token KL and surprisals in the `title` (shown on hover)."""
+    spans = "".join(
+        f'<span class="cmp-tok" style="background-color: {delta_colour(token["delta_surprisal"])}" '
+        f'title="{html.escape(token_title(token))}">{html.escape(token["token"], quote=False)}</span>'
+        for token in tokens
+    )
+    legend = (
+        '<div class="cmp-legend" style="margin-bottom: 0.5em; font-size: 0.9em">'
+        f'<span style="background-color: {delta_colour(DELTA_SCALE)}; padding: 0 0.3em">more surprised than the reference</span> '
+        f'<span style="background-color: {delta_colour(-DELTA_SCALE)}; padding: 0 0.3em">less surprised</span> '
+        f"(full colour at ±{DELTA_SCALE:g} nats of Δ surprisal = model NLL − reference NLL); hover a token for its KL.</div>"
+    )
+    return f'<div class="cmp-view">{legend}<div class="cmp-text" style="white-space: pre-wrap; line-height: 1.7">{spans}</div></div>'
+
+
+def kl_frame(tokens):
+    """`gr.LinePlot` data: the KL and Δ surprisal of each scored token by its position."""
+    rows = [(position, token["token"], token["kl"], token["delta_surprisal"])
+            for position, token in enumerate(tokens, start=1) if token["kl"] is not None]
+    return pd.DataFrame(rows, columns=["position", "token", "kl", "delta_surprisal"])
+
+
+def compute_compare(models, text, variant=INT8, reference=ORIGINAL, max_length=None, stride=None, *,
+                    max_chars=DEFAULT_MAX_CHARS):
+    """The compare tab's handler: (summary Markdown, token HTML, KL plot data, result dict,
+    per-token values), for two variants of the default model."""
+    check_text(text, max_chars)
+    max_length = _optional_int(max_length, "max_length", zero_is_none=True)
+    stride = _optional_int(stride, "stride", zero_is_none=True)
+    base, tokenizer = models.get(None)
+    model, reference_model = model_variant(base, variant), model_variant(base, reference)
+    try:
+        check_work(text, base, tokenizer, max_length, stride, True)
+        result, tokens = compare_text(text, model, tokenizer, reference_model, max_length=max_length, stride=stride)
+    except (ValueError, TypeError) as err:
+        raise gr.Error(str(err)) from None
+    return compare_markdown(result, variant, reference), compare_html(tokens), kl_frame(tokens), result, tokens
+
+
 def parse_logprobs(payload, max_chars=DEFAULT_MAX_JSON_CHARS):
     """`{"predictions": [...], "references": [...]}` from JSON text (or an already parsed dict)."""
     if isinstance(payload, str):
@@ -340,6 +486,14 @@ def read_upload(path, max_chars=DEFAULT_MAX_CHARS):
 # ---------------------------------------------------------------------------------------
 
 
+def window_fields():
+    """The `max_length` and `stride` number fields, side by side (0: the default)."""
+    with gr.Row():
+        max_length = gr.Number(value=0, precision=0, label="max_length", info="tokens per window; 0: the model's context")
+        stride = gr.Number(value=0, precision=0, label="stride", info="tokens a window advances; 0: max_length")
+    return max_length, stride
+
+
 def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_json_chars=None,
                concurrency=None, queue_size=None, card=None):
     """Build the Gradio app.
@@ -372,6 +526,9 @@ def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_j
     def on_upload(path):
         return read_upload(path, max_chars)
 
+    def on_compare(text, variant, reference, max_length, stride):
+        return compute_compare(registry, text, variant, reference, max_length, stride, max_chars=max_chars)
+
     with gr.Blocks(title="Perplexity") as demo:
         gr.Markdown(
             "# Perplexity\n"
@@ -390,11 +547,7 @@ def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_j
                     with gr.Column(scale=2):
                         choice = gr.Dropdown(registry.choices, value=registry.default_label, label="Model",
                                              allow_custom_value=False)
-                        with gr.Row():
-                            max_length = gr.Number(value=0, precision=0, label="max_length",
-                                                   info="tokens per window; 0: the model's context")
-                            stride = gr.Number(value=0, precision=0, label="stride",
-                                               info="tokens a window advances; 0: max_length")
+                        max_length, stride = window_fields()
                         add_start = gr.Checkbox(value=True, label="Start token (score the text's first token too)")
                         button = gr.Button("Compute", variant="primary")
                 summary = gr.Markdown(label="Summary", elem_id="text-summary")
@@ -419,6 +572,34 @@ def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_j
                 lp_button = gr.Button("Compute metric", variant="primary")
                 lp_summary = gr.Markdown(label="Summary", elem_id="logprobs-summary")
                 lp_result = gr.JSON(label="Result")
+            with gr.Tab("Compare"):
+                gr.Markdown(
+                    f"Compare a variant of **{registry.default_label}** with a reference variant on the same text and "
+                    "windows: the perplexity ratio, the KL divergence of the model's next-token distribution from the "
+                    "reference's, top-1 agreement and more. `bfloat16` is a bfloat16 copy; `dynamic int8` is torch's "
+                    "dynamic int8 quantization of every linear layer but the output layer (CPU; lossy on this model). "
+                    "Each variant is built once, on first use."
+                )
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        cmp_text = gr.Textbox(value=EXAMPLE_TEXT, label="Text", lines=7, max_lines=20,
+                                              placeholder="Paste a text to compare on", elem_id="compare-input")
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            cmp_variant = gr.Dropdown(list(VARIANTS), value=INT8, label="Model", allow_custom_value=False)
+                            cmp_reference = gr.Dropdown(list(VARIANTS), value=ORIGINAL, label="Reference",
+                                                        allow_custom_value=False)
+                        cmp_max_length, cmp_stride = window_fields()
+                        cmp_button = gr.Button("Run comparison", variant="primary")
+                cmp_summary = gr.Markdown(label="Comparison", elem_id="compare-summary")
+                cmp_tokens = gr.HTML(label="Tokens coloured by Δ surprisal", elem_id="compare-tokens")
+                cmp_plot = gr.LinePlot(x="position", y="kl", tooltip=["position", "token", "kl", "delta_surprisal"],
+                                       x_title="token position", y_title="KL (nats)",
+                                       label="KL(reference ‖ model) along the text", height=260,
+                                       elem_id="compare-kl-plot")
+                with gr.Accordion("Full result and per-token values", open=False):
+                    cmp_result = gr.JSON(label="Result")
+                    cmp_token_values = gr.JSON(label="Per token")
             if card:
                 with gr.Tab("Metric card"):
                     gr.Markdown(card)
@@ -427,6 +608,8 @@ def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_j
                      api_name="compute_text")
         upload.upload(on_upload, upload, text, api_name="read_file")
         lp_button.click(on_logprobs, [payload, ignore_index], [lp_summary, lp_result], api_name="compute_logprobs")
+        cmp_button.click(on_compare, [cmp_text, cmp_variant, cmp_reference, cmp_max_length, cmp_stride],
+                         [cmp_summary, cmp_tokens, cmp_plot, cmp_result, cmp_token_values], api_name="compare")
 
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     return demo

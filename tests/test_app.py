@@ -2,8 +2,9 @@
 called through gradio_client (eight requests at once), `python app.py` itself, and a real
 browser (Debian's chromium through playwright) on the embedded SmolLM2-135M.
 
-Every number is checked against the metric's own text mode (or default configuration) on
-the same model and options: the app must not have math of its own."""
+Every number is checked against the metric's own text mode (or default configuration), or
+for the compare tab against `ppl_runner.evaluate_texts(..., reference_model=...)`, on the
+same model and options: the app must not have math of its own."""
 
 import json
 import math
@@ -21,8 +22,12 @@ from pathlib import Path
 import evaluate
 import gradio as gr
 import pytest
+import torch
 
 import app
+import ppl_compare
+import ppl_runner
+import ppl_sources
 from conftest import AUTO_VS_CPU_REL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +159,63 @@ def test_read_card_and_upload(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# The compare tab, tiny model
+# ---------------------------------------------------------------------------------------
+
+CMP_SPAN = re.compile(r'<span class="cmp-tok" style="background-color: ([^"]+)" title="([^"]*)">(.*?)</span>', re.S)
+
+
+def check_compare_view(view, tokens, text):
+    """The token HTML: one span per token, joining back to the text, each with its KL on hover."""
+    import html
+
+    spans = CMP_SPAN.findall(view)
+    assert len(spans) == len(tokens)
+    assert "".join(html.unescape(piece) for _, _, piece in spans) == text
+    for (colour, title, _), token in zip(spans, tokens):
+        if token["kl"] is None:
+            assert title == "not scored" and colour == "transparent"
+        else:
+            assert f"KL {token['kl']:.4g};" in html.unescape(title)
+            assert colour.startswith("rgba(198, 40, 40," if token["delta_surprisal"] > 0 else "rgba(21, 101, 192,")
+
+
+@pytest.mark.parametrize("options", [{}, {"max_length": 8, "stride": 4}], ids=["default", "strided"])
+def test_compare_equals_evaluate_texts(tiny, options):
+    model, tokenizer = tiny
+    models = app.Models(model, tokenizer)
+    summary, view, frame, result, tokens = app.compute_compare(
+        models, TEXT, app.BFLOAT16, app.ORIGINAL, float(options.get("max_length", 0)), float(options.get("stride", 0)))
+    bf16 = app.model_variant(model, app.BFLOAT16)
+    assert bf16 is app.model_variant(model, app.BFLOAT16) and bf16.dtype == torch.bfloat16  # built once
+    assert app.model_variant(model, app.ORIGINAL) is model
+    expected = ppl_runner.evaluate_texts(bf16, tokenizer, [TEXT], reference_model=model, progress=False, **options)
+    assert result == expected and result["kl_divergence"] > 0
+    assert summary.startswith(f"### Perplexity ratio {expected['perplexity_ratio']:.4f}\n")
+    assert f"| {expected['kl_divergence']:.4f} ± {expected['kl_divergence_se']:.4f} |" in summary
+    assert f"| {expected['kl_divergence_quantiles']['max']:.4f} |" in summary
+    (row,) = ppl_runner.text_rows(bf16, tokenizer, [TEXT], compare=ppl_compare.ModelReference(model), keep_logprobs=True,
+                                  progress=False, **options)
+    assert [t["kl"] for t in tokens] == row["token_kl"]
+    assert [t["delta_surprisal"] for t in tokens] == [r - lp for lp, r in zip(row["logprobs"], row["reference_logprobs"])]
+    check_compare_view(view, tokens, TEXT)
+    assert list(frame.columns) == ["position", "token", "kl", "delta_surprisal"] and len(frame) == expected["num_tokens"]
+
+
+def test_compare_refusals(tiny):
+    model, tokenizer = tiny
+    models = app.Models(model, tokenizer)
+    with pytest.raises(gr.Error, match="'float16' is not offered"):
+        app.compute_compare(models, TEXT, "float16", app.ORIGINAL)
+    with pytest.raises(gr.Error, match="has 31 characters; this Space scores at most 30"):
+        app.compute_compare(models, "x" * 31, max_chars=30)
+    with pytest.raises(gr.Error, match=r"stride.*\[1, max_length=8\]"):
+        app.compute_compare(models, TEXT, app.BFLOAT16, app.ORIGINAL, 8, 9)
+    with pytest.raises(gr.Error, match="Could not build the dynamic int8 variant: .*float32 model on the CPU"):
+        app.model_variant(app.model_variant(model, app.BFLOAT16), app.INT8)
+
+
+# ---------------------------------------------------------------------------------------
 # A real Gradio server, tiny model, gradio_client
 # ---------------------------------------------------------------------------------------
 
@@ -174,7 +236,7 @@ def test_server_endpoints_are_named(tiny_server):
 
     demo, url = tiny_server
     api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
-    assert set(api["named_endpoints"]) == {"/compute_text", "/compute_logprobs", "/read_file"}
+    assert set(api["named_endpoints"]) == {"/compute_text", "/compute_logprobs", "/read_file", "/compare"}
     assert api["unnamed_endpoints"] == {}
     assert demo._queue.default_concurrency_limit == 2 and demo._queue.max_size == app.DEFAULT_QUEUE_SIZE
 
@@ -235,6 +297,23 @@ def test_server_refusals_and_logprobs(tiny_server, logprobs_metric, tmp_path):
     upload = tmp_path / "upload.txt"
     upload.write_text("Uploaded text, ünïcode.", encoding="utf-8")
     assert client.predict(handle_file(str(upload)), api_name="/read_file") == "Uploaded text, ünïcode."
+
+
+def test_server_compare(tiny_server, tiny):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    _, url = tiny_server
+    model, tokenizer = tiny
+    client = Client(url, verbose=False)
+    summary, view, _plot, result, tokens = client.predict(TEXT, app.BFLOAT16, app.ORIGINAL, 0, 0, api_name="/compare")
+    expected = ppl_runner.evaluate_texts(app.model_variant(model, app.BFLOAT16), tokenizer, [TEXT], reference_model=model,
+                                         progress=False)
+    assert result == expected
+    assert summary.startswith(f"### Perplexity ratio {expected['perplexity_ratio']:.4f}")
+    check_compare_view(view, tokens, TEXT)
+    with pytest.raises(AppError, match="int4"):
+        client.predict(TEXT, "int4", app.ORIGINAL, 0, 0, api_name="/compare")
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,6 +399,55 @@ def test_browser_computes_perplexity(served_app, smol, text_metric):
             page.get_by_role("textbox").first.fill("w" * 401)  # over the limit: a clear message
             page.get_by_role("button", name="Compute", exact=True).click()
             page.get_by_text("this Space scores at most 400").first.wait_for(timeout=30_000)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_browser_compares_int8_with_original(served_app, smol):
+    """The compare tab's defaults (dynamic int8 against the float32 original) on the embedded model."""
+    if not CHROMIUM.is_file():
+        pytest.fail("/usr/bin/chromium is absent: install Debian's package `chromium` (`make browser`)")
+    from playwright.sync_api import sync_playwright
+
+    model, tokenizer = smol
+    if next(model.parameters()).device.type != "cpu" or AUTO_VS_CPU_REL > 1e-9:
+        pytest.skip("the served app runs on an accelerator, where dynamic int8 is refused")
+    text = "The cat sat on the mat, and the dog slept by the fire."
+    int8 = ppl_sources.quantize_dynamic_int8(model)
+    expected = ppl_runner.evaluate_texts(int8, tokenizer, [text], reference_model=model, progress=False)
+    (row,) = ppl_runner.text_rows(int8, tokenizer, [text], compare=ppl_compare.ModelReference(model), keep_logprobs=True,
+                                  progress=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(served_app)
+            page.get_by_role("tab", name="Compare").click()
+            page.locator("#compare-input textarea").fill(text)
+            page.get_by_role("button", name="Run comparison").click()
+            headline = page.locator("#compare-summary h3")
+            headline.wait_for(timeout=90_000)
+            assert headline.inner_text().strip() == f"Perplexity ratio {expected['perplexity_ratio']:.4f}"
+            summary = page.locator("#compare-summary").inner_text()
+            assert "dynamic int8" in summary and "float32 (original)" in summary
+            quantiles = expected["kl_divergence_quantiles"]
+            for shown in [f"{expected['perplexity']:.4f}", f"{expected['reference_perplexity']:.4f}",
+                          f"{expected['kl_divergence']:.4f} ± {expected['kl_divergence_se']:.4f}",
+                          f"{100 * expected['top1_agreement']:.2f}%", f"{expected['rms_delta_p']:.4f}",
+                          f"{expected['nll_correlation']:.4f}", *(f"{quantiles[q]:.4f}" for q in ("p50", "p90", "p99", "max"))]:
+                assert shown in summary
+
+            spans = page.locator("#compare-tokens span.cmp-tok")
+            assert spans.count() == expected["num_tokens"]  # a start token: every token is scored
+            assert "".join(spans.all_text_contents()) == text
+            titles = [spans.nth(i).get_attribute("title") for i in range(spans.count())]
+            assert [re.search(r"KL (\S+);", t).group(1) for t in titles] == [f"{kl:.4g}" for kl in row["token_kl"]]
+            deltas = [r - lp for lp, r in zip(row["logprobs"], row["reference_logprobs"])]
+            worst = max(range(len(deltas)), key=lambda i: abs(deltas[i]))  # coloured at full strength
+            colour = spans.nth(worst).evaluate("el => getComputedStyle(el).backgroundColor")
+            assert colour.startswith("rgba(198, 40, 40" if deltas[worst] > 0 else "rgba(21, 101, 192"), colour
+            page.locator("#compare-kl-plot canvas, #compare-kl-plot svg").first.wait_for(timeout=30_000)
         finally:
             browser.close()
 
