@@ -31,4 +31,4 @@ test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)
-	for b in core runner memory corpus ray trainer; do $(PY) benchmarks/bench_$$b.py || exit 1; done
+	for b in core runner memory corpus ray trainer compare; do $(PY) benchmarks/bench_$$b.py || exit 1; done
