@@ -3,6 +3,9 @@
     python ppl_cli.py                       # embedded SmolLM2-135M on the default corpus, offline
     python ppl_cli.py --model gpt2 --corpus notes.txt --max-length 512 --stride 256 --json out.json
     python ppl_cli.py --corpus crawl.jsonl --docs-out scores/ [--resume]     # per-document Parquet
+    python ppl_cli.py --quantize dynamic-int8 --reference-dtype float32      # against the float original
+    python ppl_cli.py --model base --save-reference base.parquet             # the reference alone, once
+    python ppl_cli.py --model tuned --reference-file base.parquet            # then compare without loading it
     torchrun --nproc_per_node 8 ppl_cli.py --corpus crawl.parquet --docs-out scores/
 
 The corpus is streamed: each process reads only its own share (documents i with
@@ -23,8 +26,9 @@ from ppl_card import update_model_card
 from ppl_corpus import DEFAULT_CORPUS, corpus_fingerprint, corpus_kind, iter_documents
 from ppl_dist import DEFAULT_TIMEOUT, DistributedScoringError, barrier, distributed_session, gather_payloads
 from ppl_docs import PartWriter, prepare, read_rows, write_manifest
-from ppl_runner import pool_rows, resolve_settings, score_documents
-from ppl_sources import load_model, model_name
+from ppl_compare import ModelReference, SavedReference
+from ppl_runner import pool_rows, resolve_settings, save_reference, score_documents
+from ppl_sources import load_model, model_name, quantize_dynamic_int8
 from ppl_tokens import TOKEN_COLUMNS, WORD_COLUMNS, TableWriter, document_token_rows, word_rows
 
 DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about 25 s on 2 CPU cores)
@@ -40,6 +44,22 @@ def parse_args(argv=None):
     model.add_argument("--device-map", help="accelerate's placement for models larger than one device, e.g. auto "
                                             "(instead of --device)")
     model.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
+    model.add_argument("--quantize", choices=["dynamic-int8"],
+                       help="score torch's dynamic int8 quantization of the model (CPU, float32 models); its activations "
+                            "are quantized per batch, so its numbers move with what shares a batch: --batch-size 1 for "
+                            "numbers that do not")
+    ref = parser.add_argument_group("comparison with a reference model (KL divergence, top-1 agreement, paired ratio)")
+    ref.add_argument("--reference-model", help="Hub id or local folder of the reference (default: --model's checkpoint)")
+    ref.add_argument("--reference-gguf-file", help="GGUF file of the reference (inside --reference-model, or a path)")
+    ref.add_argument("--reference-dtype", help="the reference's dtype (default: auto); with neither option above, "
+                                               "compares the model with its own checkpoint in this dtype")
+    ref.add_argument("--reference-file", metavar="PATH", help="compare with a file written by --save-reference "
+                                                              "(the reference model is not loaded)")
+    ref.add_argument("--save-reference", metavar="PATH",
+                     help="score only the reference (--reference-* if given, else --model) and write, per scored token, its "
+                          "top-k log-probs and tokens sampled from the rest (.parquet) for later --reference-file runs")
+    ref.add_argument("--save-top-k", type=int, default=32, help="log-probs kept per token by --save-reference (default: 32)")
+    ref.add_argument("--save-samples", type=int, default=32, help="tail tokens sampled per token (default: 32)")
     data = parser.add_argument_group("corpus (streamed)")
     data.add_argument("--corpus", default=DEFAULT_CORPUS,
                       help="'pydoc' (the standard library's documentation topics, default), a .txt/.md/.tokens file "
@@ -128,6 +148,8 @@ def run(args, ctx):
     if limit < 0:
         raise ValueError(f"Expected --limit >= 0, but got {limit}.")
     if args.engine == "ray":  # Ray schedules the actors; this process is the driver
+        if any((args.reference_model, args.reference_gguf_file, args.reference_dtype, args.reference_file, args.save_reference)):
+            raise ValueError("A comparison with a reference runs with --engine local (one process or torchrun), not on Ray.")
         from ppl_ray import run_cli
 
         return run_cli(args, limit=limit, report=_report, write_outputs=_write_outputs)
@@ -137,13 +159,34 @@ def run(args, ctx):
     surprisal_paths = _surprisal_paths(args, rank, world_size)  # so do bad or existing output files
     corpus = dict(source=args.corpus, text_field=args.text_field, id_field=args.id_field, split=args.split,
                   config=args.dataset_config)
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=args.device or (None if args.device_map else ctx["device"]),
-                                  dtype=args.dtype, trust_remote_code=args.trust_remote_code, device_map=args.device_map)
+    loads_reference = any(v is not None for v in (args.reference_model, args.reference_gguf_file, args.reference_dtype))
+    _check_comparison(args, loads_reference, world_size)
+    device = args.device or (None if args.device_map else ctx["device"])
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code, device_map=args.device_map)
+    name = model_name(args.model, args.gguf_file)
+    if args.quantize:
+        model, name = quantize_dynamic_int8(model), f"{name} (torch dynamic int8)"
+    compare, reference_name = None, None
+    if loads_reference:  # by default the model's own checkpoint (e.g. in another dtype)
+        same = args.reference_model is None and args.reference_gguf_file is None
+        ref_id, ref_gguf = (args.model, args.gguf_file) if same else (args.reference_model, args.reference_gguf_file)
+        reference, reference_tokenizer = load_model(ref_id, gguf_file=ref_gguf, device=device, dtype=args.reference_dtype or "auto",
+                                                    trust_remote_code=args.trust_remote_code, device_map=args.device_map)
+        reference_name = model_name(ref_id, ref_gguf) + (f" ({args.reference_dtype})" if args.reference_dtype else "")
+        if args.save_reference:  # the reference is the model this run scores
+            model, tokenizer, name = reference, reference_tokenizer, reference_name
+        else:
+            compare = ModelReference(reference, reference_tokenizer, name="--reference-model")
+    elif args.reference_file:
+        compare, reference_name = SavedReference(args.reference_file), args.reference_file
+        compare.check_corpus(_corpus_meta(corpus, limit))
     options = dict(batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
                    max_batch_tokens=args.max_batch_tokens, add_start_token=not args.no_start_token)
-    settings = resolve_settings(model, tokenizer, **options)
+    settings = resolve_settings(model, tokenizer, **options, compare=compare)
     options["max_batch_tokens"] = settings["max_batch_tokens"]  # resolved once: what the report shows is what runs
-    name = model_name(args.model, args.gguf_file)
+    if compare is not None:
+        options["compare"] = compare
     start = tokenizer.convert_ids_to_tokens(settings["start_token_id"]) if settings["start_token_id"] is not None else "none"
     windows = f"max_length={settings['max_length']},stride={settings['stride']},start_token={start}"
 
@@ -152,6 +195,8 @@ def run(args, ctx):
         manifest = {"corpus": args.corpus if isinstance(args.corpus, str) else str(args.corpus),
                     "corpus_fingerprint": corpus_fingerprint(**corpus), "model": name,
                     "dtype": str(next(model.parameters()).dtype), "windows": windows}
+        if reference_name:
+            manifest["reference"] = reference_name
         done, first_part = prepare(args.docs_out, manifest, resume=args.resume)  # every rank checks before anyone writes
         barrier(ctx, timeout=args.timeout)
         if rank == 0:
@@ -169,6 +214,9 @@ def run(args, ctx):
                 yield doc
 
     started = time.perf_counter()
+    if args.save_reference:
+        return _save_reference(args, model, tokenizer, todo(), options, corpus=_corpus_meta(corpus, limit), name=name,
+                               windows=windows, settings=settings, started=started)
     rows, payload = [], {"rank": rank}
     writer = PartWriter(args.docs_out, rank=rank, first_part=first_part) if args.docs_out else None
     surprisal = {}
@@ -211,11 +259,77 @@ def run(args, ctx):
     result.update(model=name, corpus=args.corpus, seconds=seconds, dtype=str(next(model.parameters()).dtype),
                   device=str(next(model.parameters()).device), settings=settings, processes=world_size,
                   docs_out=args.docs_out, skipped_empty=sum(o["counts"]["empty"] for o in gathered))
+    if reference_name:
+        result["reference"] = reference_name
     _report(args, result, gathered, limit=limit, name=name, windows=windows, seconds=seconds, world_size=world_size)
-    if args.docs_out:
-        del result["perplexities"]  # one per document: they are in the folder, however large the corpus
+    if args.docs_out:  # one per document: they are in the folder, however large the corpus
+        del result["perplexities"]
+        result.pop("reference_perplexities", None)
     _write_outputs(args, result, name=name, windows=windows)
     return result
+
+
+def _check_comparison(args, loads_reference, world_size):
+    """Comparison options that cannot go together fail before any model loads."""
+    if args.reference_file and loads_reference:
+        raise ValueError("Expected either --reference-file or --reference-model/--reference-gguf-file/--reference-dtype, but got both.")
+    if args.save_reference and args.reference_file:
+        raise ValueError("--save-reference writes a reference file; --reference-file reads one: give one of them.")
+    if args.save_reference:
+        if world_size > 1 or args.docs_out or args.tokens_out or args.words_out:
+            raise ValueError("--save-reference runs on one process and writes only its file (no --docs-out, --tokens-out, "
+                             "--words-out, torchrun).")
+        if Path(args.save_reference).exists():
+            raise ValueError(f"The --save-reference file {args.save_reference!r} exists: give a new path (nothing is overwritten).")
+    if (args.reference_file or loads_reference) and (args.tokens_out or args.words_out):
+        raise ValueError("--tokens-out and --words-out score one model: run them without a reference.")
+
+
+def _corpus_meta(corpus, limit):
+    """What decides which documents a reference file covers (the fingerprint covers a file's
+    content, so the same corpus under another path is accepted)."""
+    return {"fingerprint": corpus_fingerprint(**corpus), "limit": limit,
+            "text_field": corpus["text_field"], "id_field": corpus["id_field"], "split": corpus["split"], "config": corpus["config"]}
+
+
+def _save_reference(args, model, tokenizer, documents, options, *, corpus, name, windows, settings, started):
+    meta = {"model": name, "corpus": corpus, "corpus_source": str(args.corpus)}
+    rows = save_reference(model, tokenizer, documents, args.save_reference, meta=meta, top_k=args.save_top_k,
+                          samples=args.save_samples, progress=not args.quiet, **options)
+    if not rows:
+        raise ValueError(f"The corpus {args.corpus!r} holds no text to score.")
+    result = pool_rows(rows, bootstrap_resamples=args.bootstrap_resamples)
+    seconds = time.perf_counter() - started
+    size = Path(args.save_reference).stat().st_size
+    result.update(model=name, corpus=args.corpus, seconds=seconds, dtype=str(next(model.parameters()).dtype),
+                  settings=settings, reference_file=args.save_reference, reference_file_bytes=size)
+    notes = [("Saved", f"{args.save_reference}   ({size / result['num_tokens']:,.0f} bytes per token: top {args.save_top_k} "
+                       f"log-probs + {args.save_samples} sampled tokens)")]
+    if args.json != "-":
+        print(format_report(result, model_name=name, corpus_name=args.corpus, seconds=seconds, windows=windows, notes=notes))
+    _write_outputs(args, result, name=name, windows=windows)
+    return result
+
+
+def comparison_lines(result):
+    """The report's comparison block (as llama.cpp's --kl-divergence prints, plus the paired ratio)."""
+    ratio_ci = result["perplexity_ratio_ci"]
+    spread = f"95% CI {ratio_ci[0]:.4f} - {ratio_ci[1]:.4f}, paired bootstrap over documents" if ratio_ci else "one document: no interval"
+    q = result["kl_divergence_quantiles"]
+    sampled = result["kl_divergence_sampling_se"]
+    kl = f"{result['kl_divergence']:.6f} ± {result['kl_divergence_se']:.6f} nats/token" + (
+        f"   (estimated from the file; sampling SE {sampled:.6f})" if sampled else "")
+    return [
+        ("Reference", result["reference"]),
+        ("Reference ppl", f"{result['reference_perplexity']:.4f}"),
+        ("PPL ratio", f"{result['perplexity_ratio']:.4f}   ({spread})"),
+        ("ln(PPL ratio)", f"{result['log_perplexity_ratio']:.6f} ± {result['log_perplexity_ratio_se']:.6f}"),
+        ("KL divergence", kl),
+        ("KL quantiles", f"p50 {q['p50']:.6f}, p90 {q['p90']:.6f}, p99 {q['p99']:.6f}, max {q['max']:.6f}"),
+        ("Same top-1", f"{100 * result['top1_agreement']:.2f} ± {100 * result['top1_agreement_se']:.2f} %"),
+        ("RMS Δp", f"{100 * result['rms_delta_p']:.3f} %"),
+        ("NLL correlation", f"{result['nll_correlation']:.4f}" if result["nll_correlation"] is not None else "n/a"),
+    ]
 
 
 def _surprisal_paths(args, rank, world_size):
@@ -257,6 +371,8 @@ def _report(args, result, gathered, *, limit, name, windows, seconds, world_size
         notes.append(("Per document", f"{args.docs_out}" + (f"   ({resumed:,} scored by an earlier run)" if resumed else "")))
     if world_size > 1:
         notes.append(("Processes", f"{world_size}"))
+    if "kl_divergence" in result:
+        notes.extend(comparison_lines(result))
     settings = result.get("settings") or {}
     if "bytes_per_token" in settings:
         notes.append(("Batching", f"batch_size={settings['batch_size']}, max_batch_tokens={settings['max_batch_tokens']:,} "

@@ -3,6 +3,7 @@ killed run resumes and `pandas.read_parquet(folder)` reads whole. No math here.
 
     folder/_manifest.json                  what was scored: corpus fingerprint, model, window settings
     folder/part-00000-rank0000.parquet     index, id, num_tokens, nll, perplexity, num_words, num_bytes
+                                           (+ COMPARE_COLUMNS when compared with a reference)
     folder/.part-00001-rank0000.parquet.tmp   a part being written (readers skip names starting with "." or "_")
 
 A part is written under its temporary name and renamed when complete, so it is whole or
@@ -19,13 +20,20 @@ from pathlib import Path
 MANIFEST = "_manifest.json"
 _PART = re.compile(r"^part-(\d+)-rank(\d+)\.parquet$")
 COLUMNS = ("index", "id", "num_tokens", "nll", "perplexity", "num_words", "num_bytes")
+# with a reference model: `ppl_compare.token_stats`'s per-document sums, and the per-token KL for its quantiles
+COMPARE_COLUMNS = ("reference_nll", "reference_perplexity", "kl", "kl_sq", "kl_variance", "same_top1", "dp_sq", "nll_sq",
+                   "reference_nll_sq", "nll_cross", "token_kl")
 
 
-def _schema():
+def _schema(compare=False):
     import pyarrow as pa
 
-    return pa.schema([("index", pa.int64()), ("id", pa.string()), ("num_tokens", pa.int64()), ("nll", pa.float64()),
-                      ("perplexity", pa.float64()), ("num_words", pa.int64()), ("num_bytes", pa.int64())])
+    fields = [("index", pa.int64()), ("id", pa.string()), ("num_tokens", pa.int64()), ("nll", pa.float64()),
+              ("perplexity", pa.float64()), ("num_words", pa.int64()), ("num_bytes", pa.int64())]
+    if compare:
+        fields += [(name, pa.int64() if name == "same_top1" else pa.list_(pa.float64()) if name == "token_kl" else pa.float64())
+                   for name in COMPARE_COLUMNS]
+    return pa.schema(fields)
 
 
 def _parts(folder):
@@ -117,7 +125,9 @@ class PartWriter:
         self.last_flush = time.monotonic()
         if not self.rows:
             return
-        table = pa.Table.from_pylist([{k: row[k] for k in COLUMNS} for row in self.rows], schema=_schema())
+        compare = "reference_nll" in self.rows[0]
+        columns = COLUMNS + (COMPARE_COLUMNS if compare else ())
+        table = pa.Table.from_pylist([{k: row[k] for k in columns} for row in self.rows], schema=_schema(compare))
         name = f"part-{self.part:05d}-rank{self.rank:04d}.parquet"
         tmp = self.folder / f".{name}.tmp"
         pq.write_table(table, tmp)
