@@ -143,9 +143,11 @@ def aligned(first, second):
     a = b = None
     start = 0
     while True:
-        if a is None or not len(a):
+        if a is None or not len(a):  # the spent chunk's storage is let go before the next is computed
+            a = None
             a = next(first, (None, None))[1]
         if b is None or not len(b):
+            b = None
             b = next(second, (None, None))[1]
         if a is None or b is None:
             if a is not None or b is not None:
@@ -222,8 +224,10 @@ class ModelReference:
         self.model.eval()
         try:
             reference = scored_logits(self.model, self.head, inputs, mask, keeps_logits=self.keeps_logits, rows=rows)
-            pieces = [compare_logits(a, b, labels[start : start + len(a)])
-                      for start, a, b in aligned(model_chunks(rows), reference)]
+            pieces = []
+            for start, a, b in aligned(model_chunks(rows), reference):
+                pieces.append(compare_logits(a, b, labels[start : start + len(a)]))
+                del a, b  # one chunk of each model alive at a time
         finally:
             self.model.train(was_training)
         return torch.cat(pieces) if pieces else torch.zeros((0, len(COLUMNS)), dtype=torch.float64)

@@ -124,6 +124,21 @@ def test_docs_out_with_a_reference_holds_the_comparison_and_resumes_to_the_whole
     assert_same_comparison(got, want)
 
 
+def test_torchrun_two_ranks_compare_as_one_process(models, corpus, exact, tmp_path):
+    from test_distributed import _child_env, _finish, _start
+
+    folders, out = models[3], tmp_path / "docs"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "ppl_cli.py"),
+            "--model", folders["model"], "--reference-model", folders["reference"], "--corpus", corpus, *WINDOWS,
+            "--bootstrap-resamples", RESAMPLES, "--quiet", "--json", tmp_path / "result.json"]
+    rc, stdout, err = _finish(_start([str(a) for a in args], _child_env()))
+    assert rc == 0, err[-3000:]
+    assert "ppl_cli: rank 1 of 2 done" in err  # two ranks really ran
+    got = json.loads((tmp_path / "result.json").read_text())
+    assert_same_comparison(got, exact[0])
+    assert got["processes"] == 2
+
+
 @pytest.fixture(scope="module")
 def saved(models, corpus, tmp_path_factory):
     folders = models[3]
