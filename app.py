@@ -340,7 +340,7 @@ def compare_text(text, model, tokenizer, reference, *, max_length=None, stride=N
     unscored = len(pieces) - len(row["logprobs"])
     tokens = [{"token": piece, "logprob": None, "reference_logprob": None, "delta_surprisal": None, "kl": None,
                "same_top1": None} for piece in pieces[:unscored]]
-    for piece, lp, ref, kl, same in zip(pieces[unscored:], row["logprobs"], row["reference_logprobs"], row["token_kl"],
+    for piece, lp, ref, kl, same in zip(pieces[unscored:], row["logprobs"], row["reference_logprobs"], row["token_kl"].tolist(),
                                         row["token_same_top1"]):
         tokens.append({"token": piece, "logprob": lp, "reference_logprob": ref, "delta_surprisal": ref - lp, "kl": kl,
                        "same_top1": same})

@@ -148,8 +148,10 @@ def run(args, ctx):
     if limit < 0:
         raise ValueError(f"Expected --limit >= 0, but got {limit}.")
     if args.engine == "ray":  # Ray schedules the actors; this process is the driver
-        if any((args.reference_model, args.reference_gguf_file, args.reference_dtype, args.reference_file, args.save_reference)):
-            raise ValueError("A comparison with a reference runs with --engine local (one process or torchrun), not on Ray.")
+        if any((args.reference_model, args.reference_gguf_file, args.reference_dtype, args.reference_file, args.save_reference,
+                args.quantize)):
+            raise ValueError("A comparison with a reference (and --quantize) runs with --engine local (one process or "
+                             "torchrun), not on Ray.")
         from ppl_ray import run_cli
 
         return run_cli(args, limit=limit, report=_report, write_outputs=_write_outputs)
@@ -162,11 +164,12 @@ def run(args, ctx):
     loads_reference = any(v is not None for v in (args.reference_model, args.reference_gguf_file, args.reference_dtype))
     _check_comparison(args, loads_reference, world_size)
     device = args.device or (None if args.device_map else ctx["device"])
-    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=device, dtype=args.dtype,
-                                  trust_remote_code=args.trust_remote_code, device_map=args.device_map)
-    name = model_name(args.model, args.gguf_file)
-    if args.quantize:
-        model, name = quantize_dynamic_int8(model), f"{name} (torch dynamic int8)"
+    if not (args.save_reference and loads_reference):  # else only the reference is scored
+        model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=device, dtype=args.dtype,
+                                      trust_remote_code=args.trust_remote_code, device_map=args.device_map)
+        name = model_name(args.model, args.gguf_file)
+        if args.quantize:
+            model, name = quantize_dynamic_int8(model), f"{name} (torch dynamic int8)"
     compare, reference_name = None, None
     if loads_reference:  # by default the model's own checkpoint (e.g. in another dtype)
         same = args.reference_model is None and args.reference_gguf_file is None
@@ -179,8 +182,9 @@ def run(args, ctx):
         else:
             compare = ModelReference(reference, reference_tokenizer, name="--reference-model")
     elif args.reference_file:
-        compare, reference_name = SavedReference(args.reference_file), args.reference_file
+        compare = SavedReference(args.reference_file)
         compare.check_corpus(_corpus_meta(corpus, limit))
+        reference_name = f"{args.reference_file} ({compare.meta.get('model', 'unnamed model')})"
     options = dict(batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
                    max_batch_tokens=args.max_batch_tokens, add_start_token=not args.no_start_token)
     settings = resolve_settings(model, tokenizer, **options, compare=compare)
@@ -195,8 +199,8 @@ def run(args, ctx):
         manifest = {"corpus": args.corpus if isinstance(args.corpus, str) else str(args.corpus),
                     "corpus_fingerprint": corpus_fingerprint(**corpus), "model": name,
                     "dtype": str(next(model.parameters()).dtype), "windows": windows}
-        if reference_name:
-            manifest["reference"] = reference_name
+        if reference_name:  # a saved reference by what it holds, not where it lies
+            manifest["reference"] = compare.identity() if args.reference_file else reference_name
         done, first_part = prepare(args.docs_out, manifest, resume=args.resume)  # every rank checks before anyone writes
         barrier(ctx, timeout=args.timeout)
         if rank == 0:
@@ -279,6 +283,10 @@ def _check_comparison(args, loads_reference, world_size):
         if world_size > 1 or args.docs_out or args.tokens_out or args.words_out:
             raise ValueError("--save-reference runs on one process and writes only its file (no --docs-out, --tokens-out, "
                              "--words-out, torchrun).")
+        if loads_reference and (args.quantize or args.dtype != "auto"):
+            raise ValueError("--save-reference with --reference-model/--reference-gguf-file/--reference-dtype scores only "
+                             "that reference: --quantize and --dtype apply to --model, which it does not load (give the "
+                             "reference's dtype with --reference-dtype).")
         if Path(args.save_reference).exists():
             raise ValueError(f"The --save-reference file {args.save_reference!r} exists: give a new path (nothing is overwritten).")
     if (args.reference_file or loads_reference) and (args.tokens_out or args.words_out):

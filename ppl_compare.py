@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 from collections import deque
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,25 +44,23 @@ CACHE_BYTES = 1 << 22  # rows of logits compared per step: ~4 MB, so the dozen p
 # Per-chunk math: float32 over the vocabulary, float64 per token
 # ---------------------------------------------------------------------------------------
 # The logits are float32 at best, so float64 passes over the vocabulary (5x slower here) add
-# little: the passes run in float32 on the raw logits, a few rows at a time so they stay in cache
-# (`CACHE_BYTES`), with KL as sum p (x - y) - (lse_x - lse_y); row sums, log-normalizers and
-# every per-token value are float64. Against an all-float64 pass over the same logits (85 rows
-# of 49,152): per-token KL within 3e-6 relative at 0.02-0.3 nats (the mean within 1e-8), the
-# mean within 1e-6 at 3e-4 nats; target log-probs within 2e-8 nats; 7x faster.
-
-
-def _working(logits):
-    """Logits as float32 (float64 stays float64): what the vocabulary-wide passes run in."""
-    return logits if logits.dtype == torch.float64 else logits.float()
+# little: the passes run in float32, a few rows at a time so they stay in cache (`CACHE_BYTES`),
+# on logits shifted by their row maximum (so a constant offset between the models costs no
+# precision), with KL = sum p (sx - sy) - (log total_x - log total_y); row sums, log-normalizers
+# and every per-token value are float64. Against an all-float64 pass over the same logits: KL
+# within 3e-8 nats per token (float32 exp's rounding; relative 1e-8 on the mean at 0.01-0.04
+# nats per token, 5e-5 at 1e-5), target log-probs within 2e-8 nats; 7x faster.
 
 
 def _normalized(logits):
-    """(exp(logits - max) in the logits' dtype, their float64 row sums, the float64
-    log-normalizers, the argmax per row)."""
+    """The float32 (float64 stays float64) working values of logits `(rows, vocab)`: `(logits -
+    row max, its exp, their float64 row sums, the float64 log-normalizers, the argmax per row)`."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     top, argmax = logits.max(-1, keepdim=True)
-    e = (logits - top).exp_()
+    shifted = logits - top
+    e = shifted.exp()
     total = e.sum(-1, keepdim=True, dtype=torch.float64)  # a float32 sum: ~8e-7 relative, too coarse for KL ~1e-5
-    return e, total, top.double() + total.log(), argmax[:, 0]
+    return shifted, e, total, top.double() + total.log(), argmax[:, 0]
 
 
 def _gather(logits, lse, ids):
@@ -71,42 +70,58 @@ def _gather(logits, lse, ids):
 
 def _in_steps(rows_fn, first, *others):
     """`rows_fn` over a few rows of the row-aligned tensors at a time (about `CACHE_BYTES` of
-    `first`): the dozen passes over each step's logits then hit the cache, not memory."""
-    step = max(1, CACHE_BYTES // (first.shape[-1] * first.element_size()))
+    `first` in float32): the dozen passes over each step's logits then hit the cache, not memory."""
+    if not len(first):
+        return rows_fn(first, *others).cpu()
+    step = max(1, CACHE_BYTES // (first.shape[-1] * 4))
     return torch.cat([rows_fn(first[i : i + step], *(t[i : i + step] for t in others))
-                      for i in range(0, len(first), step) or [0]]).cpu()
+                      for i in range(0, len(first), step)]).cpu()
 
 
 def compare_logits(logits, reference_logits, labels):
     """Per-token `COLUMNS` from both models' logits `(rows, vocab)` at the same positions."""
-    y = _working(logits)
-    return _in_steps(_compare_rows, y, _working(reference_logits).to(y.device), labels.to(y.device))
+    return _in_steps(_compare_rows, logits, reference_logits.to(logits.device), labels.to(logits.device))
 
 
 def _compare_rows(y, x, labels):
-    _, _, lse_y, top_y = _normalized(y)  # the model's exponentials are freed at once
-    e_ref, total, lse_x, top_x = _normalized(x)
-    # KL = sum p (x - y) - (lse_x - lse_y), with p = e_ref / total; where p = 0 the term is 0, also
-    # against a -inf logit (0 * inf is NaN), while p > 0 against the model's -inf stays inf
-    terms = e_ref.mul_(x - y).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-    kl = terms.sum(-1, keepdim=True, dtype=torch.float64).div_(total).sub_(lse_x - lse_y)[:, 0]
-    labels = labels[:, None]
-    return torch.stack([_gather(y, lse_y, labels)[:, 0], _gather(x, lse_x, labels)[:, 0], kl, (top_y == top_x).double(),
-                        torch.zeros_like(kl)], 1)
+    y = y if y.dtype == torch.float64 else y.float()
+    x = x if x.dtype == torch.float64 else x.float()
+    top_y, argmax_y = y.max(-1, keepdim=True)
+    top_x, argmax_x = x.max(-1, keepdim=True)
+    # two buffers for the dozen passes: fresh large tensors cost page faults
+    delta = y - top_y  # sy, the model's shifted logits
+    work = delta.exp()
+    total_y = work.sum(-1, keepdim=True, dtype=torch.float64)
+    torch.sub(x, top_x, out=work)  # sx
+    torch.sub(work, delta, out=delta)  # sx - sy = log p - log m + (log total_x - log total_y)
+    work.exp_()  # the reference's unnormalized probabilities
+    total_x = work.sum(-1, keepdim=True, dtype=torch.float64)
+    # KL = sum p (sx - sy) - (log total_x - log total_y), p = work / total_x; where p = 0 the term
+    # is 0, also against a -inf logit (0 * nan), while p > 0 against the model's -inf stays inf
+    terms = work.mul_(delta).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    kl = terms.sum(-1, keepdim=True, dtype=torch.float64).div_(total_x).sub_(total_x.log() - total_y.log())[:, 0]
+    lse_y, lse_x = top_y.double() + total_y.log(), top_x.double() + total_x.log()
+    own, ref = _gather(y, lse_y, labels[:, None])[:, 0], _gather(x, lse_x, labels[:, None])[:, 0]
+    return torch.stack([own, ref, kl, (argmax_y == argmax_x)[:, 0].double(), torch.zeros_like(kl)], 1)
 
 
 def reference_record(reference_logits, labels, generator, top_k=TOP_K, samples=SAMPLES):
     """What a later comparison needs of the reference at each position, one float64 row each:
     target log-prob, tail mass q (outside the top k), the top-k ids and log-probs (most
-    likely first), and `samples` ids drawn from the tail (with replacement, in proportion to
-    the reference's probabilities) with their log-probs."""
-    return _in_steps(lambda x, labels: _record_rows(x, labels, generator, top_k, samples), _working(reference_logits),
+    likely first: the same token as `compare_logits`'s top-1, also on ties), and `samples`
+    ids drawn from the tail (with replacement, in proportion to the reference's
+    probabilities) with their log-probs."""
+    return _in_steps(partial(_record_rows, generator=generator, top_k=top_k, samples=samples), reference_logits,
                      labels.to(reference_logits.device))
 
 
-def _record_rows(x, labels, generator, top_k, samples):
-    e, total, lse, _ = _normalized(x)
+def _record_rows(x, labels, *, generator, top_k, samples):
+    _, e, total, lse, argmax = _normalized(x)
     top_ids = x.topk(min(top_k, x.shape[-1]), -1).indices
+    # on tied maxima max() may name another token than topk's first: put max()'s first (where it
+    # is among the k, its slot takes topk's first; where it is not, more than k tokens tie)
+    top_ids = torch.where(top_ids == argmax[:, None], top_ids[:, :1], top_ids)
+    top_ids[:, 0] = argmax
     tail = e.scatter_(-1, top_ids, 0.0)
     q = tail.sum(-1, keepdim=True, dtype=torch.float64) / total
     weights = torch.where(q > 0, tail, torch.ones_like(tail))  # q = 0: any token, weighted by 0
@@ -119,20 +134,21 @@ def compare_record(logits, record, labels, top_k, samples):
     """Per-token `COLUMNS` from the model's logits and a saved `reference_record`:
     KL = sum over the top k of p (log p - log m) + q * mean over the samples of (log p - log m),
     whose expectation over the samples is the exact KL; the last column is its variance."""
-    y = _working(logits)
-    return _in_steps(lambda y, record, labels: _compare_record_rows(y, record, labels, top_k, samples), y,
-                     record.to(y.device), labels.to(y.device))
+    return _in_steps(partial(_compare_record_rows, top_k=top_k, samples=samples), logits,
+                     record.to(logits.device), labels.to(logits.device))
 
 
-def _compare_record_rows(y, record, labels, top_k, samples):
-    _, _, lse, top = _normalized(y)
+def _compare_record_rows(y, record, labels, *, top_k, samples):
+    _, _, _, lse, top = _normalized(y)
     target, q = record[:, 0], record[:, 1]
     top_ids, top_lp = record[:, 2 : 2 + top_k].long(), record[:, 2 + top_k : 2 + 2 * top_k]
     drawn, drawn_lp = record[:, 2 + 2 * top_k : 2 + 2 * top_k + samples].long(), record[:, 2 + 2 * top_k + samples :]
-    head = (top_lp.exp() * (top_lp - _gather(y, lse, top_ids))).sum(-1)
+    # tokens the reference gives probability 0 (-inf) add 0 (not 0 * nan); so does an empty tail
+    head = torch.where(top_lp > -math.inf, top_lp.exp() * (top_lp - _gather(y, lse, top_ids)), 0.0).sum(-1)
     f = drawn_lp - _gather(y, lse, drawn)
-    kl = head + q * f.mean(-1)
-    variance = q**2 * f.var(-1) / samples if samples > 1 else torch.zeros_like(kl)
+    tail = q > 0
+    kl = head + torch.where(tail, q * f.mean(-1), 0.0)
+    variance = torch.where(tail, q**2 * f.var(-1) / samples, 0.0) if samples > 1 else torch.zeros_like(kl)
     own = _gather(y, lse, labels[:, None])[:, 0]
     return torch.stack([own, target, kl, (top == top_ids[:, 0]).double(), variance], 1)
 
@@ -268,6 +284,12 @@ class SavedReference:
         if problems:
             raise ValueError(f"The reference file {self.path!r} was written with other settings: {'; '.join(problems)}.")
         return 0
+
+    def identity(self):
+        """What the file holds, for a `--docs-out` manifest: the same file under another path
+        resumes, another file under the same path does not."""
+        keys = ("model", "corpus", "settings", "tokenizer", "top_k", "samples", "seed")
+        return json.dumps({key: self.meta.get(key) for key in keys}, sort_keys=True)
 
     def check_corpus(self, fingerprint):
         """The CLI's corpus (fingerprint of the source, the fields read and --limit) must be the file's."""
@@ -423,7 +445,7 @@ def token_stats(columns, keep_tokens=False):
         "nll_sq": math.fsum(x * x for x in own),
         "reference_nll_sq": math.fsum(x * x for x in ref),
         "nll_cross": math.fsum(x * y for x, y in zip(own, ref)),
-        "token_kl": kl,
+        "token_kl": columns[:, 2].numpy().copy(),  # for the quantiles: 8 bytes per token, not a list's 32
     }
     stats["reference_perplexity"] = math.exp(stats["reference_nll"] / len(ref)) if ref else None
     if keep_tokens:

@@ -31,8 +31,8 @@ def _schema(compare=False):
     fields = [("index", pa.int64()), ("id", pa.string()), ("num_tokens", pa.int64()), ("nll", pa.float64()),
               ("perplexity", pa.float64()), ("num_words", pa.int64()), ("num_bytes", pa.int64())]
     if compare:
-        fields += [(name, pa.int64() if name == "same_top1" else pa.list_(pa.float64()) if name == "token_kl" else pa.float64())
-                   for name in COMPARE_COLUMNS]
+        types = {"same_top1": pa.int64(), "token_kl": pa.list_(pa.float64())}  # the others: float64 sums
+        fields += [(name, types.get(name, pa.float64())) for name in COMPARE_COLUMNS]
     return pa.schema(fields)
 
 

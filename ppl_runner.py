@@ -689,7 +689,9 @@ def save_reference(model, tokenizer, documents, path, *, meta=None, top_k=None, 
             for row in part:
                 del row["record"]
             rows.extend(part)
-        complete = True
+        complete = bool(rows)  # no file for a corpus with nothing to score: a retry may use the path
     finally:
         writer.close(complete)
+    if not rows:
+        raise ValueError("Expected documents with text to score, but none had any: no reference file was written.")
     return rows

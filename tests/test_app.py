@@ -196,7 +196,7 @@ def test_compare_equals_evaluate_texts(tiny, options):
     assert f"| {expected['kl_divergence_quantiles']['max']:.4f} |" in summary
     (row,) = ppl_runner.text_rows(bf16, tokenizer, [TEXT], compare=ppl_compare.ModelReference(model), keep_logprobs=True,
                                   progress=False, **options)
-    assert [t["kl"] for t in tokens] == row["token_kl"]
+    assert [t["kl"] for t in tokens] == row["token_kl"].tolist()
     assert [t["delta_surprisal"] for t in tokens] == [r - lp for lp, r in zip(row["logprobs"], row["reference_logprobs"])]
     check_compare_view(view, tokens, TEXT)
     assert list(frame.columns) == ["position", "token", "kl", "delta_surprisal"] and len(frame) == expected["num_tokens"]

@@ -430,3 +430,93 @@ def test_the_same_tokenizer_object_twice_and_an_equal_copy_are_accepted(tiny):
                               progress=False, bootstrap_resamples=10)
                for t in (None, tokenizer, build_tiny_tokenizer())]
     assert results[0]["kl_divergence"] == results[1]["kl_divergence"] == results[2]["kl_divergence"] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# The per-chunk math on synthetic logits, against plain float64 formulas written here
+# ---------------------------------------------------------------------------------------
+
+
+def plain_kl(model_logits, reference_logits):
+    """KL(reference || model) per row, float64, 0 log 0 = 0."""
+    logm = model_logits.double().log_softmax(-1)
+    logp = reference_logits.double().log_softmax(-1)
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logm), 0.0).sum(-1), logm, logp
+
+
+def synthetic(rows=40, vocab=3000, noise=0.05, offset=0.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    reference = torch.randn(rows, vocab, generator=generator) * 3
+    reference[:, :5] += 10  # peaked, like a language model's
+    model = reference + noise * torch.randn(rows, vocab, generator=generator) + offset
+    return model, reference, torch.randint(vocab, (rows,), generator=generator)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])  # softmax ignores a constant offset; so must the precision
+@pytest.mark.parametrize("noise", [0.3, 0.01])
+def test_compare_logits_matches_a_float64_formula(noise, offset):
+    from ppl_compare import compare_logits
+
+    model, reference, labels = synthetic(noise=noise, offset=offset)
+    kl, logm, logp = plain_kl(model, reference)
+    got = compare_logits(model, reference, labels)
+    assert got.dtype == torch.float64 and got.shape == (40, 5)
+    assert got[:, 0].tolist() == pytest.approx(logm.gather(-1, labels[:, None])[:, 0].tolist(), abs=1e-6)
+    assert got[:, 1].tolist() == pytest.approx(logp.gather(-1, labels[:, None])[:, 0].tolist(), abs=1e-6)
+    # float32 exponentials bound it: within 3e-8 nats per token measured, whatever the offset
+    assert got[:, 2].tolist() == pytest.approx(kl.tolist(), rel=1e-6, abs=6e-8)
+    assert got[:, 2].mean().item() == pytest.approx(kl.mean().item(), rel=1e-6, abs=3e-8)
+    assert got[:, 3].tolist() == (logm.argmax(-1) == logp.argmax(-1)).double().tolist()
+    assert (got[:, 4] == 0).all()
+
+
+def test_compare_logits_on_minus_infinity_half_precision_and_no_rows():
+    from ppl_compare import compare_logits
+
+    model, reference, labels = synthetic(rows=6, vocab=50)
+    reference[0, 10:20] = -math.inf  # the reference rules tokens out: they add 0
+    model[0, 10:20] = -math.inf
+    reference[1, 30] = -math.inf  # only the reference does
+    model[2, 7] = -math.inf  # the model rules out a token the reference allows: KL is infinite
+    got = compare_logits(model, reference, labels)
+    kl = plain_kl(model, reference)[0]
+    assert torch.isinf(got[2, 2]) and torch.isinf(kl[2])
+    assert torch.isfinite(got[[0, 1, 3, 4, 5], 2]).all()
+    assert got[[0, 1, 3, 4, 5], 2].tolist() == pytest.approx(kl[[0, 1, 3, 4, 5]].tolist(), rel=1e-6, abs=6e-8)
+    for dtype in (torch.bfloat16, torch.float16):  # as such models return them: the formula on the same values
+        m, r = synthetic(rows=6, vocab=50)[:2]
+        m, r = m.to(dtype), r.to(dtype)
+        assert compare_logits(m, r, labels)[:, 2].tolist() == pytest.approx(plain_kl(m, r)[0].tolist(), rel=1e-6, abs=6e-8)
+    assert compare_logits(model[:0], reference[:0], labels[:0]).shape == (0, 5)
+
+
+def test_a_saved_record_estimates_kl_without_bias_and_keeps_what_is_exact():
+    from ppl_compare import compare_logits, compare_record, reference_record
+
+    model, reference, labels = synthetic(rows=400, vocab=2000, noise=0.5)
+    exact = compare_logits(model, reference, labels)
+    record = reference_record(reference, labels, torch.Generator().manual_seed(3), top_k=8, samples=16)
+    got = compare_record(model, record, labels, 8, 16)
+    assert got[:, [0, 1, 3]].tolist() == exact[:, [0, 1, 3]].tolist()  # log-probs and top-1: exact
+    mean, sampling_se = got[:, 2].mean().item(), got[:, 4].sum().sqrt().item() / len(got)
+    assert 0 < sampling_se < 0.05 * mean
+    assert abs(mean - exact[:, 2].mean().item()) < 4 * sampling_se  # unbiased within its own error
+
+
+def test_a_saved_record_with_an_empty_tail_ties_and_minus_infinity():
+    from ppl_compare import compare_logits, compare_record, reference_record
+
+    reference = torch.zeros(3, 12)
+    reference[:, [2, 5, 9]] = 4.0  # three tied maxima: the exact path's top-1 is max()'s
+    reference[1, 6:] = -math.inf  # six tokens with probability 0
+    model = reference + 0.1 * torch.randn(3, 12, generator=torch.Generator().manual_seed(0)) * torch.isfinite(reference)
+    labels = torch.tensor([0, 1, 2])
+    for top_k in (2, 12):  # 12: the top k hold everything, the tail is empty (q = 0)
+        record = reference_record(reference, labels, torch.Generator().manual_seed(0), top_k=top_k, samples=4)
+        assert record[:, 2].long().tolist() == reference.max(-1).indices.tolist()
+        got, exact = compare_record(model, record, labels, top_k, 4), compare_logits(model, reference, labels)
+        assert torch.isfinite(got).all() and got[:, 3].tolist() == exact[:, 3].tolist()
+        if top_k == 12:
+            assert (record[:, 1] == 0).all() and (got[:, 4] == 0).all()
+            assert got[:, 2].tolist() == pytest.approx(exact[:, 2].tolist(), rel=1e-6, abs=6e-8)

@@ -167,8 +167,8 @@ def test_a_saved_reference_gives_the_exact_comparison_and_its_kl_within_the_samp
     assert abs(got["kl_divergence"] - want["kl_divergence"]) < 4 * got["kl_divergence_sampling_se"]
 
 
-@pytest.mark.parametrize("change, named", [(["--limit", "10"], "limit"), (["--max-length", "48"], "max_length"),
-                                           (["--stride", "16"], "stride"), (["--text-field", "url"], "text_field")])
+@pytest.mark.parametrize("change, named", [(["--limit", "10"], "limit: "), (["--max-length", "48"], "max_length: "),
+                                           (["--stride", "16"], "stride: "), (["--text-field", "url"], "text_field: ")])
 def test_a_reference_file_for_other_documents_or_windows_is_refused_by_name(models, corpus, saved, change, named):
     args = dict(zip(WINDOWS[::2], WINDOWS[1::2]))
     args.update(dict(zip(change[::2], change[1::2])))
@@ -184,6 +184,9 @@ def test_a_reference_file_for_other_documents_or_windows_is_refused_by_name(mode
     (["--save-reference", "new.parquet", "--docs-out", "folder"], "--save-reference runs on one process"),
     (["--reference-dtype", "float32", "--tokens-out", "t.parquet"], "--tokens-out and --words-out score one model"),
     (["--reference-dtype", "float32", "--engine", "ray"], "not on Ray"),
+    (["--quantize", "dynamic-int8", "--engine", "ray"], "not on Ray"),
+    (["--save-reference", "new.parquet", "--reference-dtype", "float32", "--quantize", "dynamic-int8"], "which it does not load"),
+    (["--save-reference", "new.parquet", "--reference-model", "x", "--dtype", "bfloat16"], "which it does not load"),
 ])
 def test_options_that_do_not_go_together_are_refused_before_loading(extra, message, tmp_path, capsys):
     import ppl_cli
@@ -199,6 +202,14 @@ def test_options_that_do_not_go_together_are_refused_before_loading(extra, messa
         os.chdir(cwd)
     assert message in capsys.readouterr().err
     assert existing.read_bytes() == b"kept" and not (tmp_path / "new.parquet").exists()
+
+
+def test_save_reference_of_an_empty_corpus_writes_no_file(models, tmp_path):
+    empty, path = tmp_path / "empty.jsonl", tmp_path / "reference.parquet"
+    empty.write_text(json.dumps({"text": ""}) + "\n", encoding="utf-8")
+    proc = _cli("--model", models[3]["reference"], "--save-reference", path, "--corpus", empty, "--quiet")
+    assert proc.returncode == 2 and "no reference file was written" in proc.stderr, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == [empty]  # neither the file nor its temporary: a retry may use the path
 
 
 @pytest.mark.slow
