@@ -291,10 +291,13 @@ def run_cli(args, *, limit, report, write_outputs):
         ds = reader(files)
         if limit:
             ds = ds.limit(limit)
-        with warnings.catch_warnings():  # no restart: a new counter would number rows twice, so its loss fails the job
+        # no restart: a new counter would number rows twice, so its loss fails the job; one call at a time: with
+        # several in flight the actor was seen to number a file's second block before its first (2 runs in 11)
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ds.map_batches(_Numbering, fn_constructor_kwargs={"id_column": args.id_field},
-                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0, batch_format="pandas",
+                                compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
+                                num_cpus=0, batch_format="pandas",
                                 max_restarts=0)
         ds = ds.repartition(target_num_rows_per_block=ROWS_PER_CALL)  # a small file is one block: split it
         ds = score_dataset(ds, workers=args.workers, gpus_per_worker=args.gpus_per_worker, **scorer_kwargs)
