@@ -147,9 +147,9 @@ def run(args, ctx):
     limit = args.limit if args.limit is not None else (DEFAULT_LIMIT if args.corpus == DEFAULT_CORPUS else 0)
     if limit < 0:
         raise ValueError(f"Expected --limit >= 0, but got {limit}.")
+    loads_reference = any(v is not None for v in (args.reference_model, args.reference_gguf_file, args.reference_dtype))
     if args.engine == "ray":  # Ray schedules the actors; this process is the driver
-        if any((args.reference_model, args.reference_gguf_file, args.reference_dtype, args.reference_file, args.save_reference,
-                args.quantize)):
+        if loads_reference or args.reference_file or args.save_reference or args.quantize:
             raise ValueError("A comparison with a reference (and --quantize) runs with --engine local (one process or "
                              "torchrun), not on Ray.")
         from ppl_ray import run_cli
@@ -161,7 +161,6 @@ def run(args, ctx):
     surprisal_paths = _surprisal_paths(args, rank, world_size)  # so do bad or existing output files
     corpus = dict(source=args.corpus, text_field=args.text_field, id_field=args.id_field, split=args.split,
                   config=args.dataset_config)
-    loads_reference = any(v is not None for v in (args.reference_model, args.reference_gguf_file, args.reference_dtype))
     _check_comparison(args, loads_reference, world_size)
     device = args.device or (None if args.device_map else ctx["device"])
     if not (args.save_reference and loads_reference):  # else only the reference is scored
@@ -303,9 +302,7 @@ def _corpus_meta(corpus, limit):
 def _save_reference(args, model, tokenizer, documents, options, *, corpus, name, windows, settings, started):
     meta = {"model": name, "corpus": corpus, "corpus_source": str(args.corpus)}
     rows = save_reference(model, tokenizer, documents, args.save_reference, meta=meta, top_k=args.save_top_k,
-                          samples=args.save_samples, progress=not args.quiet, **options)
-    if not rows:
-        raise ValueError(f"The corpus {args.corpus!r} holds no text to score.")
+                          samples=args.save_samples, progress=not args.quiet, **options)  # refuses an empty corpus
     result = pool_rows(rows, bootstrap_resamples=args.bootstrap_resamples)
     seconds = time.perf_counter() - started
     size = Path(args.save_reference).stat().st_size

@@ -52,15 +52,18 @@ CACHE_BYTES = 1 << 22  # rows of logits compared per step: ~4 MB, so the dozen p
 # nats per token, 5e-5 at 1e-5), target log-probs within 2e-8 nats; 7x faster.
 
 
+def _working(logits):
+    """What the passes over the vocabulary run in: float32 (float64 stays float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _normalized(logits):
-    """The float32 (float64 stays float64) working values of logits `(rows, vocab)`: `(logits -
-    row max, its exp, their float64 row sums, the float64 log-normalizers, the argmax per row)`."""
-    logits = logits if logits.dtype == torch.float64 else logits.float()
+    """Of working logits `(rows, vocab)`: `(exp(logits - row max), its float64 row sums, the
+    float64 log-normalizers, the argmax per row)`."""
     top, argmax = logits.max(-1, keepdim=True)
-    shifted = logits - top
-    e = shifted.exp()
+    e = (logits - top).exp_()
     total = e.sum(-1, keepdim=True, dtype=torch.float64)  # a float32 sum: ~8e-7 relative, too coarse for KL ~1e-5
-    return shifted, e, total, top.double() + total.log(), argmax[:, 0]
+    return e, total, top.double() + total.log(), argmax[:, 0]
 
 
 def _gather(logits, lse, ids):
@@ -84,8 +87,7 @@ def compare_logits(logits, reference_logits, labels):
 
 
 def _compare_rows(y, x, labels):
-    y = y if y.dtype == torch.float64 else y.float()
-    x = x if x.dtype == torch.float64 else x.float()
+    y, x = _working(y), _working(x)
     top_y, argmax_y = y.max(-1, keepdim=True)
     top_x, argmax_x = x.max(-1, keepdim=True)
     # two buffers for the dozen passes: fresh large tensors cost page faults
@@ -116,7 +118,8 @@ def reference_record(reference_logits, labels, generator, top_k=TOP_K, samples=S
 
 
 def _record_rows(x, labels, *, generator, top_k, samples):
-    _, e, total, lse, argmax = _normalized(x)
+    x = _working(x)
+    e, total, lse, argmax = _normalized(x)
     top_ids = x.topk(min(top_k, x.shape[-1]), -1).indices
     # on tied maxima max() may name another token than topk's first: put max()'s first (where it
     # is among the k, its slot takes topk's first; where it is not, more than k tokens tie)
@@ -139,7 +142,8 @@ def compare_record(logits, record, labels, top_k, samples):
 
 
 def _compare_record_rows(y, record, labels, *, top_k, samples):
-    _, _, _, lse, top = _normalized(y)
+    y = _working(y)
+    _, _, lse, top = _normalized(y)
     target, q = record[:, 0], record[:, 1]
     top_ids, top_lp = record[:, 2 : 2 + top_k].long(), record[:, 2 + top_k : 2 + 2 * top_k]
     drawn, drawn_lp = record[:, 2 + 2 * top_k : 2 + 2 * top_k + samples].long(), record[:, 2 + 2 * top_k + samples :]

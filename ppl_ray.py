@@ -292,7 +292,7 @@ def run_cli(args, *, limit, report, write_outputs):
         if limit:
             ds = ds.limit(limit)
         # no restart: a new counter would number rows twice, so its loss fails the job; one call at a time: with
-        # several in flight the actor was seen to number a file's second block before its first (2 runs in 11)
+        # several in flight the actor was seen to number a file's second block before its first (3 runs in 24)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ds.map_batches(_Numbering, fn_constructor_kwargs={"id_column": args.id_field},
