@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ppl_runner import evaluate_texts, score_texts, split_pair
+from ppl_runner import Chat, evaluate_texts, score_texts, split_pair
 
 PAIRS = [
     ("The capital of France is", " Paris."),
@@ -72,17 +72,26 @@ def test_text_mode_contexts_against_a_float64_loop(text_metric, tiny):
         assert got == pytest.approx(float64_scored_sum(model, ids, scored), rel=1e-5, abs=1e-5)
 
 
-def test_a_long_pair_keeps_the_continuation_scored_with_the_windows_of_the_whole_text(tiny):
+def test_a_long_pair_scores_the_continuation_in_the_windows_of_the_whole_text_as_a_float64_loop(tiny):
+    from lm_eval.utils import get_rolling_token_windows
+
     model, tokenizer = tiny
     context = " ".join(["The context goes on and on."] * 20)  # far longer than max_length=32
     continuation = " and then the continuation, itself longer than one window of thirty-two tokens, ends here."
     (pair,) = score_texts(model, tokenizer, [continuation], contexts=[context], max_length=32, stride=16, progress=False)
-    (plain,) = score_texts(model, tokenizer, [context + continuation], max_length=32, stride=16, progress=False)
-    n = len(pair["predictions"][0])
-    _, cont_ids = split_pair(tokenizer, context, continuation)
-    assert n == len(cont_ids) and pair["references"][0] == cont_ids
-    # the same windows as the whole text: every continuation token with >= max_length - stride tokens of context
-    assert pair["predictions"][0] == pytest.approx(plain["predictions"][0][-n:], rel=1e-6, abs=1e-6)
+    context_ids, cont_ids = split_pair(tokenizer, context, continuation)
+    assert context_ids == tokenizer(context, add_special_tokens=False)["input_ids"] and len(cont_ids) > 32
+    assert pair["references"][0] == cont_ids
+    # Reference: the whole text's windows as lm-eval draws them (stride 16 of 32 is its context_len
+    # 32 - 16 + 1: each scored token conditioned on >= 17 tokens), one float64 forward per window;
+    # the continuation's tokens are the last len(cont_ids) targets of the whole text.
+    reference = copy.deepcopy(model).double().eval()
+    logprobs = []
+    for fed, predicted in get_rolling_token_windows(context_ids + cont_ids, tokenizer.bos_token_id, 32, context_len=17):
+        with torch.no_grad():
+            window = torch.log_softmax(reference(torch.tensor([fed])).logits[0, -len(predicted):], -1)
+        logprobs += window.gather(-1, torch.tensor(predicted)[:, None])[:, 0].tolist()
+    assert pair["predictions"][0] == pytest.approx(logprobs[-len(cont_ids):], rel=1e-5, abs=1e-5)
 
 
 def test_chat_scores_the_assistant_turns_only(text_metric, tiny):
@@ -103,13 +112,34 @@ def test_chat_scores_the_assistant_turns_only(text_metric, tiny):
 
 
 @pytest.mark.slow
-def test_chat_on_the_real_template_and_model(smol):
+def test_chat_on_the_real_template_scores_exactly_the_assistant_content_and_end_of_turn(smol):
+    """The mask built from the rendered text alone: each assistant message's content, found by
+    string search, plus the end of its turn as the README documents it ('<|im_end|>' and the
+    newline the template writes after it); never the '<|im_start|>assistant\\n' header."""
     model, tokenizer = smol
     assert tokenizer.chat_template  # SmolLM2-Instruct's own, from the GGUF
-    both = evaluate_texts(model, tokenizer, conversations=[CONVERSATION], progress=False)
-    first = evaluate_texts(model, tokenizer, conversations=[CONVERSATION[:3]], progress=False)
-    assert 0 < first["num_tokens"] < both["num_tokens"]  # the second assistant turn adds its own tokens
-    assert both["log_likelihoods"][0] < first["log_likelihoods"][0] < 0
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    spans, searched = [], 0
+    for m in CONVERSATION:
+        if m["role"] == "assistant":
+            start = text.index(m["content"] + "<|im_end|>\n", searched)
+            assert text[:start].endswith("<|im_start|>assistant\n")  # the header, just before, stays unscored
+            searched = start + len(m["content"] + "<|im_end|>\n")
+            spans.append((start, searched))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    assert not any(begin < edge < end for begin, end in offsets for span in spans for edge in span)  # none straddles
+    scored = [t for t, (begin, end) in enumerate(offsets) if any(a <= begin and end <= b for a, b in spans)]
+    turns = "".join(m["content"] + "<|im_end|>\n" for m in CONVERSATION if m["role"] == "assistant")
+    assert tokenizer.decode([ids[t] for t in scored]) == turns  # the mask covers those characters, no more
+    (result,) = score_texts(model, tokenizer, [Chat(CONVERSATION)], progress=False)
+    assert result["references"][0] == [ids[t] for t in scored]
+    with torch.no_grad():  # each scored token with the whole conversation before it
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    expected = [logprobs[t - 1, ids[t]].item() for t in scored]
+    assert result["predictions"][0] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    summary = evaluate_texts(model, tokenizer, conversations=[CONVERSATION], progress=False)
+    assert summary["num_tokens"] == len(scored) and summary["log_likelihoods"][0] == pytest.approx(sum(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -1,5 +1,5 @@
 """The model runner against independent references: a plain one-window-at-a-time loop in
-float64, lm-evaluation-harness's rolling-window algorithm, and the window plan read by eye."""
+float64, lm-evaluation-harness's own window functions, and the window plan read by eye."""
 
 import math
 import re
@@ -62,31 +62,46 @@ def test_pack_batches_respects_its_limits(lengths, batch_size, max_batch_tokens)
             assert padded - sum(lengths[i] for i in batch) <= 0.1 * padded
 
 
-def lm_eval_rolling_windows(tokens, prefix_token, max_seq_len):
-    """lm-evaluation-harness's get_rolling_token_windows (context_len=1) + make_disjoint_window,
-    written from its documented algorithm: yields (context, continuation) token lists."""
-    pred_len, predicted = max_seq_len, 0
-    first = min(max_seq_len, len(tokens))
-    windows = [([prefix_token] + tokens[: first - 1], tokens[:first])]
-    predicted += first
-    while predicted < len(tokens):
-        window_pred_len = min(len(tokens) - predicted, pred_len)
-        end = predicted + window_pred_len
-        windows.append((tokens[end - max_seq_len - 1 : end - 1], tokens[end - window_pred_len : end]))
-        predicted += window_pred_len
-    # disjoint: drop from the context what the continuation already supplies
-    return [(ctx[: len(ctx) - (len(cont) - 1)], cont) for ctx, cont in windows]
+def lm_eval_windows(num_tokens, max_length, context_len):
+    """lm-evaluation-harness's own windows over a sequence [0, 1, ..., num_tokens - 1] whose token 0
+    is the start (its `prefix_token`) and the rest the text (its `token_list`), as (input, predicted)."""
+    from lm_eval.utils import get_rolling_token_windows
+
+    return list(get_rolling_token_windows(list(range(1, num_tokens)), 0, max_length, context_len))
 
 
-@pytest.mark.parametrize("num_tokens,max_length", [(34, 10), (10, 10), (11, 10), (3, 8), (100, 7)])
-def test_plan_matches_lm_eval_rolling_windows(num_tokens, max_length):
-    tokens = list(range(1, num_tokens))  # the text's tokens; 0 is the prefix (start) token
-    seq = [0] + tokens
-    ours = [
-        (seq[start : stop - num_scored + 1], seq[stop - num_scored + 1 : stop + 1])
-        for start, stop, num_scored in plan_windows(len(seq), max_length, max_length)
-    ]
-    assert ours == lm_eval_rolling_windows(tokens, 0, max_length)
+def our_windows(num_tokens, max_length, stride):
+    """plan_windows on the same sequence, as (input, predicted): a window feeds seq[start:stop] and
+    scores its last num_scored predictions, of seq[stop - num_scored + 1 : stop + 1]."""
+    seq = list(range(num_tokens))
+    return [(seq[start:stop], seq[stop - num_scored + 1 : stop + 1])
+            for start, stop, num_scored in plan_windows(num_tokens, max_length, stride)]
+
+
+def test_plan_equals_lm_eval_windows_at_every_stride():
+    # lm-eval's get_rolling_token_windows(max_seq_len=M, context_len=c): the first window predicts
+    # min(M, n) tokens, each later one feeds a full M tokens and predicts the last M - c + 1 of them,
+    # so its first prediction is conditioned on c tokens. plan_windows(max_length=M, stride=S): each
+    # later window feeds M tokens and scores its last S, its first scored token conditioned on
+    # M - S + 1. So stride S is context_len M - S + 1: stride == max_length is the rolling case
+    # lm-eval runs (loglikelihood_rolling, context_len=1), stride 1 is context_len M; every
+    # (M, S) with 1 <= S <= M has its lm-eval counterpart.
+    for max_length in range(1, 13):
+        for stride in range(1, max_length + 1):
+            for num_tokens in range(1, 4 * max_length + 3):  # no text, one window, one and a bit, several
+                expected = lm_eval_windows(num_tokens, max_length, context_len=max_length - stride + 1)
+                assert our_windows(num_tokens, max_length, stride) == expected, (num_tokens, max_length, stride)
+
+
+@pytest.mark.parametrize("num_tokens,max_length", [(34, 10), (10, 10), (11, 10), (3, 8), (100, 7), (513, 256)])
+def test_rolling_plan_equals_lm_eval_disjoint_windows(num_tokens, max_length):
+    """What lm-eval's loglikelihood_rolling scores: make_disjoint_window of its context_len=1 windows,
+    (context, continuation) with the model fed context + continuation[:-1]."""
+    from lm_eval.utils import make_disjoint_window
+
+    theirs = [make_disjoint_window(w) for w in lm_eval_windows(num_tokens, max_length, context_len=1)]
+    ours = [(fed[: len(fed) - len(scored) + 1], scored) for fed, scored in our_windows(num_tokens, max_length, max_length)]
+    assert ours == theirs
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,11 +199,14 @@ def test_start_token_falls_back_to_eos(tiny):
 
 def lm_eval_metrics(model, tokenizer, docs, max_length):
     """loglikelihood_rolling per document, then lm-eval's pooled word/byte metrics."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
     total_ll, words, num_bytes = 0.0, 0, 0
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id  # lm-eval's prefix_token_id
     for doc in docs:
         tokens = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        for context, continuation in lm_eval_rolling_windows(tokens, prefix, max_length):
+        windows = get_rolling_token_windows(tokens, prefix, max_length, context_len=1)  # as its loglikelihood_rolling
+        for context, continuation in map(make_disjoint_window, windows):
             inp = torch.tensor([(context + continuation)[:-1]])
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(inp).logits[0].double(), dim=-1)[-len(continuation):]

@@ -94,8 +94,12 @@ def test_trainer_perplexity_equals_float64_loop_at_every_batch_size(trainer_runs
 def test_trainer_perplexity_does_not_depend_on_batch_size(trainer_runs):
     results, _ = trainer_runs
     values = [r["eval_perplexity"] for r in results.values()]
-    # float32 forwards over padded batches of other shapes round differently: measured ~1e-9 relative
-    assert max(values) / min(values) - 1 < 1e-8, values
+    # Differently padded batches are different float32 computations (other matrix shapes, masked or
+    # unmasked attention), rounded differently on each CPU: measured ~1e-9 relative here. Perplexity
+    # is exp(nll) with nll ~ 9.4, so rel 1e-5 on it is ~1e-6 on the nll, ~8 float32 ulps (eps 1.2e-7) even if
+    # every token's rounding leaned the same way; what this guards against, exp(eval_loss)'s mean of
+    # per-batch means, moves by more than 1% (test_exp_eval_loss_is_not_the_corpus_perplexity).
+    assert max(values) / min(values) - 1 < 1e-5, values
 
 
 def test_exp_eval_loss_is_not_the_corpus_perplexity(trainer_runs):
