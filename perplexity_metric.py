@@ -393,6 +393,12 @@ class PerplexityMetric(evaluate.Metric):
         if reference_model is not None and loads_reference:
             raise TypeError("Expected either `reference_model` or `reference_model_id`/`reference_gguf_file`/`reference_dtype`, "
                             "but got both.")
+        if reference_file is not None and (reference_model is not None or loads_reference):
+            given = [k for k, v in (("reference_model", reference_model), ("reference_model_id", reference_model_id),
+                                    ("reference_gguf_file", reference_gguf_file), ("reference_dtype", reference_dtype))
+                     if v is not None]
+            raise ValueError(f"Expected either `reference_file` or a reference model, but got both: `reference_file` and "
+                             f"{', '.join(f'`{k}`' for k in given)}.")
         if distributed and (reference_model is not None or loads_reference or reference_file is not None):
             raise ValueError("A comparison with a reference runs on one process: pass it without `distributed=True`.")
         if not distributed:

@@ -322,9 +322,9 @@ def test_a_reference_model_and_a_reference_file_are_refused(text_metric, tiny, c
         {"reference_model_id": str(checkpoints["reference"])}
     calls, handle = counting_forwards(model)
     try:
-        # the file need not exist: the pair is refused before it is read (a `reference_model_id` is loaded
-        # first, and the message then names `reference_model`)
-        with pytest.raises(ValueError, match=r"either `reference_model` or `reference_file`, but got both"):
+        # the file need not exist: the pair is refused before anything is read or loaded, naming what was given
+        with pytest.raises(ValueError, match=rf"either `reference_file` or a reference model, but got both: "
+                                             rf"`reference_file` and `{reference}`\.$"):
             text_metric.compute(predictions=TEXTS, model=model, tokenizer=tokenizer, reference_file=str(tmp_path / "ref.parquet"),
                                 **given)
     finally:
