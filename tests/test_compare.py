@@ -25,8 +25,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_gpt2, build_tiny_tokenizer
-from ppl_runner import evaluate_texts, plan_windows, save_reference
+from conftest import build_tiny_gpt2, build_tiny_tokenizer, one_intra_op_thread
+from ppl_compare import ModelReference
+from ppl_head import fused_head
+from ppl_runner import evaluate_texts, plan_windows, pool_rows, save_reference, text_rows
 
 # Public-domain English (Dickens, Austen, Lincoln, Melville, the Declaration of Independence,
 # Tolstoy in Garnett's translation, Darwin, Conan Doyle): 8 documents, 254 scored tokens for
@@ -260,6 +262,131 @@ def test_tiny_gpt2_against_a_perturbed_copy_matches_the_float64_loop(tiny, batch
     assert expected["num_tokens"] > 250
     assert_matches_loop(result, expected, rel=1e-6)
     assert result["kl_divergence"] > 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# 1b. Per-token values, document by document and in order
+# ---------------------------------------------------------------------------------------
+# The pooled keys (means, quantiles) do not depend on the order of the tokens: a per-token KL
+# that is permuted, or whose windows are put back in the wrong order, passes them. Here each
+# document's per-token columns (`text_rows(..., keep_logprobs=True)`, what the app and
+# `--docs-out` show) are compared with the loop's, element by element.
+
+PER_TOKEN_TEXTS = [TEXTS[i] for i in (0, 1, 5, 7)]  # 138, 54, 39 and 42 tiny-GPT-2 tokens
+PER_TOKEN_WINDOWS = {"max_length": 48, "stride": 24}  # the first text: five windows, the second: two
+
+
+def forward_rows(model):
+    """The real (unpadded) input ids of each row of each forward through the model's body."""
+    batches = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs["attention_mask"].bool()
+        batches.append([tuple(row[keep].tolist()) for row, keep in zip(ids, mask)])
+
+    return batches, model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def documents_of(batch, tokenizer, texts):
+    """Which of `texts` each row of a batch is a window of (its ids are a slice of that text's)."""
+    seqs = [(first_token(tokenizer), *tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    owners = []
+    for row in batch:
+        (owner,) = [d for d, seq in enumerate(seqs)
+                    if any(seq[i : i + len(row)] == row for i in range(len(seq) - len(row) + 1))]
+        owners.append(owner)
+    return owners
+
+
+def assert_tokens_match_loop(rows, docs, rel, nats):
+    """Each document's per-token KL, log-probs and top-1 agreement equal the loop's, position by position."""
+    assert len(rows) == len(docs)
+    for row, doc in zip(rows, docs, strict=True):
+        assert len(row["token_kl"]) == len(doc["kl"])
+        np.testing.assert_allclose(row["token_kl"], doc["kl"], rtol=rel, atol=nats)
+        np.testing.assert_allclose(row["logprobs"], doc["logprob"], rtol=rel, atol=nats)
+        np.testing.assert_allclose(row["reference_logprobs"], doc["reference_logprob"], rtol=rel, atol=nats)
+        assert row["token_same_top1"] == doc["same"].astype(bool).tolist()
+        # and the document's sum is theirs
+        assert row["kl"] == pytest.approx(doc["kl"].sum(), rel=rel, abs=len(doc["kl"]) * nats)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_each_documents_per_token_kl_matches_the_float64_loop_in_order(tiny, padding_side):
+    model, tokenizer = tiny
+    reference = noisy_copy(model, 1.0, seed=1)
+    fused_head(model)  # the head's one-time probe (a forward on fixed ids) is not a batch of windows
+    with one_intra_op_thread():  # tiny ops on 2 threads crawl when the other core is busy
+        batches, handle = forward_rows(model)
+        try:
+            rows = text_rows(model, tokenizer, PER_TOKEN_TEXTS, compare=ModelReference(reference), keep_logprobs=True,
+                             batch_size=4, padding_side=padding_side, progress=False, **PER_TOKEN_WINDOWS)
+        finally:
+            handle.remove()
+        docs = float64_loop(model, reference, tokenizer, PER_TOKEN_TEXTS, **PER_TOKEN_WINDOWS)
+    # several windows per document, and batches that pack windows of several documents
+    assert [len(plan_windows(len(d["kl"]) + 1, **PER_TOKEN_WINDOWS)) for d in docs] == [5, 2, 1, 1]
+    assert any(len(set(documents_of(batch, tokenizer, PER_TOKEN_TEXTS))) > 1 for batch in batches)
+    # the per-token KL varies from token to token far more than the tolerance: a reordering shows
+    assert min(np.abs(np.diff(d["kl"])).max() for d in docs) > 1e-4
+    assert_tokens_match_loop(rows, docs, rel=1e-6, nats=1e-8)
+
+
+# ---------------------------------------------------------------------------------------
+# 1c. A model on the fused head against a reference on the logits fallback
+# ---------------------------------------------------------------------------------------
+
+
+def soft_capped(model, cap=3.0):
+    """A copy of a GPT-2 whose forward soft-caps its logits (cap * tanh(logits / cap), as Gemma 2
+    does, but without the config attribute): its logits are no longer its output layer's, so
+    the head probe (`ppl_head.fused_head`) sends it to its own logits."""
+    from transformers import GPT2LMHeadModel
+
+    class SoftCappedGPT2(GPT2LMHeadModel):
+        def forward(self, *args, logits_to_keep=0, **kwargs):  # keeps `logits_to_keep`: the runner trims with it
+            out = super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+            out.logits = cap * torch.tanh(out.logits / cap)
+            return out
+
+    capped = SoftCappedGPT2(model.config)
+    capped.load_state_dict(model.state_dict())
+    return capped.eval()
+
+
+def peaked_tiny_gpt2(seed):
+    """A tiny GPT-2 with logits of a few nats (a random one is near uniform)."""
+    model = build_tiny_gpt2(seed=seed)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("capped_side", ["reference", "model"])
+def test_the_fused_head_against_the_logits_fallback_matches_the_float64_loop(tiny, monkeypatch, capped_side):
+    import ppl_head
+
+    tokenizer = tiny[1]
+    plain, capped = peaked_tiny_gpt2(seed=0), soft_capped(noisy_copy(peaked_tiny_gpt2(seed=0), 0.3, seed=1))
+    assert ppl_head.fused_head(plain) is not None and ppl_head.fused_head(capped) is None
+    model, reference = (plain, capped) if capped_side == "reference" else (capped, plain)
+    # 7 positions per chunk of logits: the fused head's chunks run over a batch's scored
+    # positions, the fallback's restart at each row, so the two streams are cut at other places
+    monkeypatch.setattr(ppl_head, "HEAD_CHUNK_BYTES", 7 * 1000 * 4)
+    assert ppl_head.chunk_rows(1000) == 7
+    compare = ModelReference(reference)
+    with one_intra_op_thread():
+        rows = text_rows(model, tokenizer, PER_TOKEN_TEXTS, compare=compare, keep_logprobs=True, batch_size=4,
+                         padding_side="left", progress=False, **PER_TOKEN_WINDOWS)
+        docs = float64_loop(model, reference, tokenizer, PER_TOKEN_TEXTS, **PER_TOKEN_WINDOWS)
+    # a model on the fallback takes its reference there too (head="logits" for both)
+    assert compare.head is None and (ppl_head.fused_head(model) is not None) == (capped_side == "reference")
+    # logits of a few nats in a padded float32 batch: up to ~2e-6 relative per token measured
+    assert_tokens_match_loop(rows, docs, rel=1e-5, nats=1e-6)
+    result = pool_rows(rows, bootstrap_resamples=200)  # what evaluate_texts returns for these rows
+    assert_matches_loop(result, pooled(docs), rel=1e-5, nats=1e-6)
+    assert result["kl_divergence"] > 0.5  # the cap and the noise matter
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,6 +629,55 @@ def test_a_saved_record_estimates_kl_without_bias_and_keeps_what_is_exact():
     mean, sampling_se = got[:, 2].mean().item(), got[:, 4].sum().sqrt().item() / len(got)
     assert 0 < sampling_se < 0.05 * mean
     assert abs(mean - exact[:, 2].mean().item()) < 4 * sampling_se  # unbiased within its own error
+
+
+def lm_like_logits(rows=128, vocab=1000, seed=0):
+    """High-entropy reference logits shaped like a language model's (Zipf over the ranks plus
+    noise: ~4.7 nats of entropy, ~40% of the mass outside the top 32), a model 0.5 nats of
+    noise away (KL ~0.12 nats; the top 32 alone hold ~0.6 of it), and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    zipf = -torch.arange(1, vocab + 1).log()
+    reference = (zipf + torch.randn(rows, vocab, generator=generator))[:, torch.randperm(vocab, generator=generator)]
+    model = reference + 0.5 * torch.randn(rows, vocab, generator=generator)
+    return model, reference, torch.randint(vocab, (rows,), generator=generator)
+
+
+SEEDS = 100
+
+
+def test_the_saved_references_kl_is_unbiased_and_its_standard_error_is_its_spread_over_seeds():
+    """A saved reference's KL is judged by its own sampling SE (`gap <= 4 * SE` above): that is
+    only a check if the SE is right. Over SEEDS draws of the record (what `save_reference(seed=)`
+    gives: a `Recorder(seed=)`), at the product's top_k and samples, the estimates must centre on
+    the exact KL and spread as the reported SE says."""
+    from ppl_compare import SAMPLES, TOP_K, Recorder, compare_record, pool_comparison, token_stats
+
+    model, reference, labels = lm_like_logits()
+    exact = plain_kl(model, reference)[0].mean().item()
+    estimates, reported = [], []
+    with one_intra_op_thread():
+        for seed in range(SEEDS):
+            record = Recorder(seed=seed).score_batch(lambda rows: iter([(0, reference)]), None, None, labels, None)
+            columns = compare_record(model, record, labels, TOP_K, SAMPLES)
+            row = {"index": 0, "nll": -columns[:, 0].sum().item(), "num_tokens": len(labels), **token_stats(columns)}
+            result = pool_comparison([row])
+            estimates.append(result["kl_divergence"])
+            reported.append(result["kl_divergence_sampling_se"])
+    estimates, reported = np.array(estimates), np.array(reported)
+    spread = estimates.std(ddof=1)
+    print(f"exact KL {exact:.5f}; over {SEEDS} seeds: mean {estimates.mean():.5f}, spread {spread:.2e}, "
+          f"reported SE {reported.mean():.2e} (±{reported.std():.1e})")
+    # (a) unbiased: the mean of the draws is within 4 of its own standard errors of the exact KL
+    # (the top 32 alone would be ~0.6 of it, hundreds of standard errors away)
+    assert abs(estimates.mean() - exact) <= 4 * spread / math.sqrt(SEEDS)
+    # (b) the reported SE is the spread. Each estimate is a mean over 128 x 32 draws, so close to
+    # normal: spread / sigma ~ sqrt(chi2(99) / 99), outside [0.68, 1.35] with probability ~2e-6.
+    # The reported SE is itself an average over 128 tokens: it moves ~1% between seeds, so its
+    # root mean square stands for sigma. An SE off by sqrt(samples) (5.7x) or one ignoring the
+    # seed (spread 0) falls far outside.
+    ratio = spread / math.sqrt(np.mean(reported**2))
+    assert reported.std() < 0.05 * reported.mean()
+    assert 0.68 <= ratio <= 1.35, ratio
 
 
 def test_a_saved_record_with_an_empty_tail_ties_and_minus_infinity():
