@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -47,12 +46,6 @@ def text_metric():
 @pytest.fixture(scope="module")
 def logprobs_metric():
     return evaluate.load(str(ROOT / "perplexity_metric.py"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,10 +216,12 @@ def test_compare_refusals(tiny):
 @pytest.fixture(scope="module")
 def tiny_server(tiny):
     demo = app.build_demo(*tiny, models=["owner/listed"], max_chars=300, concurrency=2, card="# Card")
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    # no server_port: Gradio binds the first free port from 7860 itself and moves on when another
+    # process took it first (a port picked here and bound later could be taken in between)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     try:
-        yield demo, f"http://127.0.0.1:{port}/"
+        assert demo.local_url == f"http://127.0.0.1:{demo.server_port}/"
+        yield demo, demo.local_url
     finally:
         demo.close()
 
@@ -241,20 +236,31 @@ def test_server_endpoints_are_named(tiny_server):
     assert demo._queue.default_concurrency_limit == 2 and demo._queue.max_size == app.DEFAULT_QUEUE_SIZE
 
 
-def test_server_eight_concurrent_text_requests(tiny_server, tiny, text_metric, monkeypatch):
+def test_server_eight_concurrent_text_requests_run_two_at_a_time(tiny_server, tiny, text_metric, monkeypatch):
     from gradio_client import Client
 
     demo, url = tiny_server
     model, tokenizer = tiny
-    running, peak, lock = [0], [0], threading.Lock()
+    running, peak, started, lock = [0], [0], [0], threading.Lock()
+    first_two = threading.Barrier(2, timeout=30)
     score_text = app.score_text
 
     def counted(*args, **kwargs):  # how many requests compute at once
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
+            started[0] += 1
+            order = started[0]
         try:
-            time.sleep(0.05)
+            if order <= 2:
+                # The first two wait for each other: served one at a time, the first waits alone
+                # until the barrier breaks, and the peak stays 1. Together, they then hold both
+                # slots for a second, in which a third request would raise the peak if it ran.
+                try:
+                    first_two.wait()
+                except threading.BrokenBarrierError:
+                    pass
+                time.sleep(1.0)
             return score_text(*args, **kwargs)
         finally:
             with lock:
@@ -262,18 +268,19 @@ def test_server_eight_concurrent_text_requests(tiny_server, tiny, text_metric, m
 
     monkeypatch.setattr(app, "score_text", counted)
     texts = [f"Request number {i}: {TEXT[: 20 + 9 * i]}" for i in range(8)]
+    clients = [Client(url, verbose=False) for _ in texts]  # connected first: the eight requests leave together
 
-    def call(text):
-        return Client(url, verbose=False).predict(text, None, 0, 0, True, api_name="/compute_text")
+    def call(client, text):
+        return client.predict(text, None, 0, 0, True, api_name="/compute_text")
 
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(call, texts))
+        answers = list(pool.map(call, clients, texts))
     for text, (summary, highlighted, _plot, result) in zip(texts, answers):
         expected = text_metric.compute(predictions=[text], model=model, tokenizer=tokenizer)
         assert result == expected
         assert summary.startswith(f"### Perplexity {expected['perplexity']:.4f}")
         assert "".join(item["token"] for item in highlighted) == text
-    assert 1 <= peak[0] <= 2  # the queue's concurrency limit holds
+    assert peak[0] == 2  # two requests computed together, never more: the queue's concurrency limit
 
 
 def test_server_refusals_and_logprobs(tiny_server, logprobs_metric, tmp_path):
@@ -323,28 +330,33 @@ def test_server_compare(tiny_server, tiny):
 
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory):
-    """`python app.py` as a Space runs it, configured through the environment only."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("served_app") / "stderr.log").open("w+")
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE="1",
-               GRADIO_ANALYTICS_ENABLED="False", PERPLEXITY_APP_MAX_CHARS="400", PERPLEXITY_APP_MODELS="owner/listed")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=log)
-    url = f"http://127.0.0.1:{port}/"
+    """`python app.py` as a Space runs it, configured through the environment only. No
+    GRADIO_SERVER_PORT: Gradio binds the first free port from 7860 itself (moving on when another
+    process holds one) and prints the address, which is read from its output."""
+    log = (tmp_path_factory.mktemp("served_app") / "output.log").open("w+")
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_SERVER_PORT"}
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False",
+               PERPLEXITY_APP_MAX_CHARS="400", PERPLEXITY_APP_MODELS="owner/listed")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     try:
+        url = None
         while True:
+            log.seek(0)
+            output = log.read()
             if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"python app.py exited with {process.returncode}: {log.read()[-2000:]}")
+                pytest.fail(f"python app.py exited with {process.returncode}: {output[-2000:]}")
+            url = url or next(iter(re.findall(r"Running on local URL: +(http://127\.0\.0\.1:\d+)", output)), None)
             try:
-                urllib.request.urlopen(url + "config", timeout=2)
-                break
+                if url:
+                    urllib.request.urlopen(url + "/config", timeout=2)
+                    break
             except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("python app.py did not serve within 180 s")
-                time.sleep(0.5)
-        yield url
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"python app.py did not serve within 180 s: {output[-2000:]}")
+            time.sleep(0.5)
+        yield url + "/"
     finally:
         process.terminate()
         try:

@@ -8,6 +8,7 @@ exactly as it was. Distributed faults live in test_distributed.py.
 """
 
 import copy
+import errno
 import inspect
 import json
 import math
@@ -25,6 +26,7 @@ import torch
 
 import app
 import ppl_cli
+import ppl_corpus
 from conftest import ROOT
 from ppl_core import Perplexity, perplexity, target_nll
 from ppl_runner import evaluate_texts, score_texts
@@ -759,13 +761,31 @@ def test_read_corpus_rejects_a_missing_text_field_by_name(corpus_dir):
     assert read_corpus(str(corpus_dir / "missing-column.csv"), text_field="body") == ["some text"]
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_read_corpus_unreadable_file(corpus_dir, tmp_path):
-    path = tmp_path / "locked.txt"
-    path.write_text("text", encoding="utf-8")
-    path.chmod(0)
-    with pytest.raises(ValueError, match="Could not read corpus"):
+@pytest.mark.parametrize("name, content", [
+    ("locked.txt", "some text\n"),
+    ("locked.jsonl", '{"text": "some text"}\n'),
+    ("locked.csv", "text\nsome text\n"),
+])
+def test_read_corpus_unreadable_file_is_named(tmp_path, monkeypatch, name, content):
+    # CI runs as root, which reads a file whatever its mode: the readers' open() fails here as
+    # it does for a user without read permission, with the same PermissionError
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    builtin_open, denials = open, []
+
+    def denied(file, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path):
+            denials.append(file)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return builtin_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(ppl_corpus, "open", denied, raising=False)  # the module's global shadows the builtin
+    with pytest.raises(ValueError) as error:
         read_corpus(str(path))
+    assert str(error.value) == f"Could not read corpus {str(path)!r}: [Errno 13] Permission denied: {str(path)!r}"
+    assert len(denials) == 1
+    monkeypatch.undo()
+    assert read_corpus(str(path)) == ["some text"]  # readable, it is read: the denial alone failed it
 
 
 def test_read_corpus_unknown_data_set_offline(offline):

@@ -99,6 +99,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tiny_dir,
 
     kept = len(pd.read_parquet(out))
     assert 0 < kept < 1800
+    # A part another rank of a killed torchrun was writing: complete-looking Parquet, wrong numbers,
+    # under the temporary name the resumed (one-process) run never writes itself. It must be deleted,
+    # never read nor adopted as a part.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stale = out / ".part-00007-rank0001.parquet.tmp"
+    wrong = pq.read_table(sorted(out.glob("part-*.parquet"))[0]).slice(0, 5)
+    pq.write_table(wrong.set_column(wrong.schema.get_field_index("nll"), "nll", pa.array([1e6] * 5)), stale)
     refused = _cli(*_args(tiny_dir, corpus_file, out))  # without --resume nothing is overwritten
     assert refused.returncode == 2 and "not empty: pass --resume" in refused.stderr
     resumed = _cli(*_args(tiny_dir, corpus_file, out, "--resume", "--json", str(tmp_path / "resumed.json")))
@@ -112,7 +121,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tiny_dir,
     a = pd.read_parquet(out).sort_values("index").reset_index(drop=True)
     b = pd.read_parquet(folder).sort_values("index").reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)  # each document exactly once, same values
-    assert not list(out.glob(".*.tmp"))
+    assert not stale.exists() and not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("change, named", [
