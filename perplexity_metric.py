@@ -2,10 +2,10 @@
 
 Layout: this file is the `evaluate` glue and the metric card; the math lives in
 `ppl_core.py`, the model runner in `ppl_runner.py`, model and corpus loading in
-`ppl_sources.py`, model-card writing in `ppl_card.py`. `evaluate.load` copies sibling
-files only when this file names them in a top-level relative import, which a plain
-`import perplexity_metric` cannot execute, so the real imports below pick the form that
-fits how the module was imported.
+`ppl_sources.py`, model-card writing in `ppl_card.py`, torchmetrics' stateful `Perplexity`
+in `ppl_torchmetrics.py`. `evaluate.load` copies sibling files only when this file names
+them in a top-level relative import, which a plain `import perplexity_metric` cannot
+execute, so the real imports below pick the form that fits how the module was imported.
 """
 
 import math
@@ -21,6 +21,7 @@ import torch
 # read by it and never executed by Python.
 _SIBLING_FILES_FOR_EVALUATE_LOAD = '''
 from .ppl_core import perplexity
+from .ppl_torchmetrics import Perplexity
 from .ppl_compare import pool_comparison
 from .ppl_head import fused_head
 from .ppl_runner import score_texts
@@ -34,21 +35,23 @@ from .ppl_ray import DocumentScorer
 
 if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_card import update_model_card
-    from .ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
+    from .ppl_core import check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
     from .ppl_dist import distributed_session, score_corpus_distributed
     from .ppl_docs import pool_scores
     from .ppl_ray import DocumentScorer  # a plain class: Ray is imported only by ppl_ray.run_cli
     from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
+    from .ppl_torchmetrics import Perplexity
     from .ppl_trainer import compute_metrics, preprocess_logits_for_metrics
 else:  # imported plainly: tests, app.py, the command line
     from ppl_card import update_model_card
-    from ppl_core import Perplexity, check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
+    from ppl_core import check_bootstrap_resamples, check_compact_inputs, check_int, check_ignore_index, perplexity, scored_mask, summarize, target_nll
     from ppl_dist import distributed_session, score_corpus_distributed
     from ppl_docs import pool_scores
     from ppl_ray import DocumentScorer  # a plain class: Ray is imported only by ppl_ray.run_cli
     from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
+    from ppl_torchmetrics import Perplexity
     from ppl_trainer import compute_metrics, preprocess_logits_for_metrics
 
 __all__ = ["PerplexityMetric", "Perplexity", "perplexity", "score_texts", "evaluate_texts", "load_model", "update_model_card",

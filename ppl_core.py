@@ -1,8 +1,8 @@
 """The math of perplexity: input checks, chunked target log-probabilities, pooled sums.
 
-Everything here is a pure function of tensors (plus the small `Perplexity` module that
-holds two float64 sums). The evaluate glue, the model runner and the app all call these,
-so there is one formula in one place:
+Everything here is a pure function of tensors (`ppl_torchmetrics.Perplexity` is the thin
+stateful class on top). The evaluate glue, the model runner and the app all call these, so
+there is one formula in one place:
 
     perplexity = exp(sum of NLL over scored tokens / number of scored tokens)
 
@@ -209,11 +209,14 @@ def sequence_sums(nll, mask):
 
 
 def pooled_perplexity(nll_sum, count):
-    """exp(total NLL / total count); refuses an empty count instead of returning NaN."""
-    nll_sum, count = float(nll_sum), int(count)
-    if count == 0:
+    """exp(total NLL / total count) as a float; refuses an empty count instead of returning NaN."""
+    _check_scored(count)
+    return _exp(float(nll_sum) / int(count))
+
+
+def _check_scored(count):
+    if int(count) == 0:
         raise ValueError("No token was scored: every target equals `ignore_index` (or the input is empty).")
-    return _exp(nll_sum / count)
 
 
 def _exp(mean_nll):
@@ -222,6 +225,60 @@ def _exp(mean_nll):
         return math.exp(mean_nll)
     except OverflowError:
         return math.inf
+
+
+class _TargetNLL(torch.autograd.Function):
+    """`target_nll` with a gradient, for `preds` that require one.
+
+    The forward pass is the chunked inference path; the backward pass writes
+    d NLL_i / d preds_i = (softmax(preds_i) - onehot(target_i)) * grad_i a few rows at a time,
+    so no full-size float copy of `preds` is made beyond the gradient itself.
+    """
+
+    @staticmethod
+    def forward(ctx, preds, target, ignore_index):
+        ctx.save_for_backward(preds, target)
+        ctx.ignore_index = ignore_index
+        return target_nll(preds, target, ignore_index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_nll):
+        preds, target = ctx.saved_tensors
+        target = target.to(preds.device)
+        mask = scored_mask(target, ctx.ignore_index)
+        ids = torch.where(mask, target, 0).long()  # any valid id where ignored: its row is zeroed below
+        weight = torch.where(mask, grad_nll.to(preds.device), 0.0)
+        working = torch.promote_types(preds.dtype, torch.float32)
+        grad = torch.empty_like(preds)
+        rows_per_call = max(1, _ELEMENTS_PER_CALL // preds.shape[-1])
+        for b in range(preds.shape[0]):
+            for lo in range(0, preds.shape[1], rows_per_call):
+                hi = min(lo + rows_per_call, preds.shape[1])
+                probs = torch.softmax(preds[b, lo:hi].to(working), dim=-1)
+                probs[torch.arange(hi - lo, device=preds.device), ids[b, lo:hi]] -= 1.0
+                grad[b, lo:hi] = probs.mul_(weight[b, lo:hi, None].to(working))
+        return grad, None, None
+
+
+def pooled_sums(preds, target, ignore_index=None):
+    """Total NLL (float64) and scored-token count (int64) of a batch, torchmetrics' update step.
+
+    The NLL carries `preds`' gradient when `preds` requires one and grad mode is on;
+    otherwise the chunked inference path runs, at no extra cost.
+    """
+    if isinstance(preds, torch.Tensor) and preds.requires_grad and torch.is_grad_enabled():
+        nll = _TargetNLL.apply(preds, target, ignore_index)
+    else:
+        nll = target_nll(preds, target, ignore_index)
+    mask = scored_mask(target, ignore_index).to(nll.device)
+    return torch.where(mask, nll, 0.0).sum(), mask.sum()
+
+
+def perplexity_from_sums(nll_sum, count):
+    """exp(nll_sum / count) as a float64 tensor that keeps `nll_sum`'s gradient; refuses count 0."""
+    _check_scored(count)
+    return torch.exp(nll_sum.double() / count)  # inf past float64's range (mean NLL above ~709), as _exp
 
 
 def perplexity(preds, target, ignore_index=None):
@@ -233,7 +290,7 @@ def perplexity(preds, target, ignore_index=None):
         ignore_index: target value whose positions do not count (e.g. -100 for padding).
 
     Returns:
-        0-d float64 tensor.
+        0-d float64 tensor, differentiable with respect to `preds` when it requires grad.
 
     Raises:
         TypeError, ValueError: see `check_full_inputs`; also when every token is ignored.
@@ -243,75 +300,7 @@ def perplexity(preds, target, ignore_index=None):
         >>> round(perplexity(preds, torch.zeros(2, 3, dtype=torch.long)).item(), 6)
         4.0
     """
-    nll_sum, count = _pooled_sums(preds, target, ignore_index)
-    return torch.tensor(pooled_perplexity(nll_sum, count), dtype=torch.float64)
-
-
-def _pooled_sums(preds, target, ignore_index):
-    nll = target_nll(preds, target, ignore_index)
-    nll_sum, count = sequence_sums(nll, scored_mask(target, ignore_index).to(nll.device))
-    return nll_sum.sum(), count.sum()
-
-
-class Perplexity(torch.nn.Module):
-    """Accumulating perplexity with torchmetrics' `Perplexity` interface.
-
-    The state is two sums (float64 NLL, int64 token count), so batch splits, `reset` and
-    distributed reduction (`sync=True` all-reduces them when torch.distributed is running)
-    give the same number as one pass over all the data.
-
-    Example:
-        >>> metric = Perplexity(ignore_index=-100)
-        >>> preds = torch.full((1, 4, 8), math.log(1 / 8))
-        >>> round(metric(preds, torch.tensor([[1, 2, 3, -100]])).item(), 6)
-        8.0
-        >>> round(metric.compute().item(), 6)
-        8.0
-    """
-
-    def __init__(self, ignore_index=None):
-        super().__init__()
-        check_ignore_index(ignore_index)
-        self.ignore_index = ignore_index
-        self.register_buffer("nll_sum", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
-
-    def _apply(self, fn, *args, **kwargs):
-        # `.half()`/`.to(bfloat16)` on a parent module must not shrink the accumulators
-        super()._apply(fn, *args, **kwargs)
-        self.nll_sum = self.nll_sum.to(torch.float64)
-        self.count = self.count.to(torch.int64)
-        return self
-
-    def _add(self, nll_sum, count):
-        self.nll_sum += nll_sum.to(self.nll_sum.device)
-        self.count += count.to(self.count.device)
-
-    def update(self, preds, target):
-        """Add a batch to the running sums."""
-        self._add(*_pooled_sums(preds, target, self.ignore_index))
-
-    def forward(self, preds, target):
-        """Accumulate the batch and return its own perplexity (torchmetrics' forward).
-
-        A batch whose every token is ignored raises (its perplexity is undefined) and is not added.
-        """
-        nll_sum, count = _pooled_sums(preds, target, self.ignore_index)
-        value = pooled_perplexity(nll_sum, count)
-        self._add(nll_sum, count)
-        return torch.tensor(value, dtype=torch.float64)
-
-    def compute(self, sync=True):
-        """Perplexity over everything added since the last `reset`."""
-        nll_sum, count = self.nll_sum.clone(), self.count.clone()
-        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(nll_sum)
-            torch.distributed.all_reduce(count)
-        return torch.tensor(pooled_perplexity(nll_sum, count), dtype=torch.float64)
-
-    def reset(self):
-        self.nll_sum.zero_()
-        self.count.zero_()
+    return perplexity_from_sums(*pooled_sums(preds, target, ignore_index))
 
 
 # ---------------------------------------------------------------------------------------

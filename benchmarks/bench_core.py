@@ -1,6 +1,7 @@
 """Benchmark of the torch core (issue 2): time and peak extra memory against torchmetrics'
-`Perplexity` and `F.cross_entropy` on the whole tensor, and the evaluate metric path against
-the core on the same data.
+`Perplexity` and `F.cross_entropy` on the whole tensor (the functional core, the stateful
+class, and forward + backward where `preds` requires grad), and the evaluate metric path
+against the core on the same data.
 
 Every measurement runs in its own subprocess, so one method's peak memory never mixes with
 another's. "Extra memory" is the peak RSS during the call minus the RSS just before it (Linux
@@ -34,7 +35,7 @@ METRIC_PATH = str(ROOT / "perplexity_metric.py")
 IGNORE_INDEX = -100
 
 GOAL_SPEEDUP = 1.3  # at least this many times faster than torchmetrics
-GOAL_EXTRA = 0.10  # extra memory at most this fraction of the input
+GOAL_EXTRA = 0.05  # extra memory at most this fraction of the input (without grad)
 GOAL_METRIC_RATIO = 2.0  # metric path at most this many times the core's time on the same data
 
 SIZES = {  # (core shape [batch, seq_len, vocab], metric-path shape)
@@ -78,6 +79,38 @@ def measure_torchmetrics(preds, target):
     return _timed(lambda: (metric.update(preds, target), metric.compute())[1])
 
 
+def measure_class(preds, target):
+    from ppl_torchmetrics import Perplexity
+
+    metric = Perplexity(ignore_index=IGNORE_INDEX)
+    return _timed(lambda: (metric.update(preds, target), metric.compute())[1])
+
+
+def _with_backward(value_fn, preds, target):
+    """Time value + backward; the gradient itself (the input's size) is counted in the extra memory."""
+    preds.requires_grad_()
+    preds.grad = None
+
+    def run():
+        value = value_fn(preds, target)
+        value.backward()
+        return value.detach()
+
+    return _timed(run)
+
+
+def measure_core_grad(preds, target):
+    import ppl_core
+
+    return _with_backward(lambda p, t: ppl_core.perplexity(p, t, ignore_index=IGNORE_INDEX), preds, target)
+
+
+def measure_torchmetrics_grad(preds, target):
+    from torchmetrics.functional.text import perplexity
+
+    return _with_backward(lambda p, t: perplexity(p, t, ignore_index=IGNORE_INDEX), preds, target)
+
+
 def measure_cross_entropy(preds, target):
     import torch
     import torch.nn.functional as F
@@ -103,7 +136,10 @@ def measure_metric(preds, target):
 
 MEASURES = {
     "core": measure_core,
+    "class": measure_class,
     "torchmetrics": measure_torchmetrics,
+    "core_grad": measure_core_grad,
+    "torchmetrics_grad": measure_torchmetrics_grad,
     "cross_entropy": measure_cross_entropy,
     "metric": measure_metric,
 }
@@ -201,7 +237,8 @@ def _verdict(ok):
 
 def bench(condition, busy, sizes, repeats):
     core_shape, metric_shape = sizes
-    reports = {m: run_method(m, core_shape, repeats, busy) for m in ("core", "torchmetrics", "cross_entropy")}
+    methods = ("core", "class", "torchmetrics", "cross_entropy", "core_grad", "torchmetrics_grad")
+    reports = {m: run_method(m, core_shape, repeats, busy) for m in methods}
     reports["metric"] = run_method("metric", metric_shape, repeats, busy)
     reports["core_on_metric_data"] = run_method("core", metric_shape, repeats, busy)
     return condition, reports
@@ -218,9 +255,13 @@ def print_table(results, sizes):
     for condition, reports in results:
         core_value = reports["core"]["value"]
         tm_median = statistics.median(reports["torchmetrics"]["times"])
-        for method in ("core", "torchmetrics", "cross_entropy"):
+        for method in ("core", "class", "torchmetrics", "cross_entropy"):
             label = f"{method} {'x'.join(map(str, core_shape))}"
             print(_row(condition, label, reports[method], core_value, tm_median))
+        tm_grad_median = statistics.median(reports["torchmetrics_grad"]["times"])
+        for method in ("core_grad", "torchmetrics_grad"):  # extra includes the gradient (100% of the input)
+            label = f"{method} +backward {'x'.join(map(str, core_shape))}"
+            print(_row(condition, label, reports[method], core_value, tm_grad_median))
         metric_core = reports["core_on_metric_data"]["value"]
         print(_row(condition, f"metric add_batch+compute {'x'.join(map(str, metric_shape))}", reports["metric"], metric_core))
         print(_row(condition, f"core {'x'.join(map(str, metric_shape))}", reports["core_on_metric_data"], metric_core))
@@ -234,6 +275,13 @@ def print_table(results, sizes):
         print(f"  [{condition}] {_verdict(speedup >= GOAL_SPEEDUP)} core vs torchmetrics: {speedup:.2f}x faster (goal >= {GOAL_SPEEDUP}x)")
         print(f"  [{condition}] {_verdict(extra <= GOAL_EXTRA)} core extra memory: {100 * extra:.1f}% of input (goal <= {100 * GOAL_EXTRA:.0f}%)")
         print(f"  [{condition}] {_verdict(ratio <= GOAL_METRIC_RATIO)} metric path: {ratio:.2f}x the core's time (goal <= {GOAL_METRIC_RATIO}x)")
+        cls = statistics.median(tm["times"]) / statistics.median(reports["class"]["times"])
+        print(f"  [{condition}] {_verdict(cls >= GOAL_SPEEDUP)} Perplexity class vs torchmetrics': {cls:.2f}x faster (goal >= {GOAL_SPEEDUP}x)")
+        grad, tm_grad = reports["core_grad"], reports["torchmetrics_grad"]
+        beyond = (grad["extra_bytes"] - grad["input_bytes"]) / grad["input_bytes"]
+        tm_beyond = (tm_grad["extra_bytes"] - tm_grad["input_bytes"]) / tm_grad["input_bytes"]
+        print(f"  [{condition}] with backward: {statistics.median(tm_grad['times']) / statistics.median(grad['times']):.2f}x "
+              f"torchmetrics' speed; extra memory beyond the gradient {100 * beyond:.1f}% of input (torchmetrics {100 * tm_beyond:.0f}%)")
     if sizes == SIZES["quick"]:
         print("note: --quick sizes are a smoke run; the goals are stated for the full sizes")
     if not all(r["peak_reset"] for _, reports in results for r in reports.values()):

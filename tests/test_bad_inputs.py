@@ -28,7 +28,8 @@ import app
 import ppl_cli
 import ppl_corpus
 from conftest import ROOT
-from ppl_core import Perplexity, perplexity, target_nll
+from ppl_core import perplexity, target_nll
+from ppl_torchmetrics import Perplexity
 from ppl_runner import evaluate_texts, score_texts
 from ppl_corpus import read_corpus
 from ppl_sources import load_model

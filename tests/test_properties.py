@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 import ppl_core
 from conftest import ROOT, reference_ppl
-from ppl_core import Perplexity, perplexity, target_nll
+from ppl_core import perplexity, target_nll
+from ppl_torchmetrics import Perplexity
 from ppl_runner import score_texts
 
 METRIC_PATH = str(ROOT / "perplexity_metric.py")
