@@ -4,6 +4,7 @@ Uses `huggingface_hub`'s ModelCard / EvalResult, the same metadata that
 `evaluate.push_to_hub` and `huggingface_hub.metadata_update` write online.
 """
 
+import os
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard
@@ -81,7 +82,7 @@ def update_model_card(
             )
         )
     if path.is_file():
-        card = ModelCard.load(path)
+        card = read_model_card(path)
     else:
         card = ModelCard(f"---\n{{}}\n---\n\n# {model_name}\n")  # "{}": an empty metadata block that parses
     data = card.data
@@ -89,5 +90,20 @@ def update_model_card(
     data.eval_results = kept + new
     data.model_name = model_name
     path.parent.mkdir(parents=True, exist_ok=True)
-    card.save(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # then a rename: a crash never leaves half a card
+    try:
+        card.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def read_model_card(path):
+    """The card at `path`; a card whose YAML front matter does not parse is a ValueError naming it."""
+    try:
+        return ModelCard.load(path)
+    except Exception as err:  # huggingface_hub raises yaml's own errors, or ValueError for a non-dict
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"Cannot read the model card {str(path)!r}: its metadata (the YAML between the --- lines) "
+                         f"does not parse: {first}") from err

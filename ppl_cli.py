@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from ppl_card import update_model_card
+from ppl_card import read_model_card, update_model_card
 from ppl_corpus import DEFAULT_CORPUS, corpus_fingerprint, corpus_kind, iter_documents
 from ppl_dist import DEFAULT_TIMEOUT, DistributedScoringError, barrier, distributed_session, gather_payloads
 from ppl_docs import PartWriter, prepare, read_rows, write_manifest
+from ppl_outputs import atomic_write_text, card_file, check_outputs
 from ppl_compare import ModelReference, SavedReference
 from ppl_runner import pool_rows, resolve_settings, save_reference, score_documents
 from ppl_sources import load_model, model_name, quantize_dynamic_int8
@@ -100,7 +101,10 @@ def parse_args(argv=None):
     out.add_argument("--card-model-name", help="model-index name (default: the model's name)")
     out.add_argument("--card-dataset-name", help="data set name in the card (default: the corpus)")
     out.add_argument("--card-dataset-type", help="data set type, e.g. a Hub id (default: the corpus)")
+    out.add_argument("--force", action="store_true", help="replace an existing --json, --tokens-out or --words-out file "
+                     "(never an input of the run; --save-reference and --docs-out are never replaced)")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
     return parser.parse_args(argv)
 
 
@@ -129,13 +133,26 @@ def format_report(result, *, model_name, corpus_name, seconds, windows, notes=()
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.quiet:  # also transformers' own bars (loading weights)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     rank = os.environ.get("RANK")
     try:
         with distributed_session(timeout=args.timeout, backend=args.backend) as ctx:
             run(args, ctx)
     except (DistributedScoringError, ValueError, TypeError, OSError) as err:
+        if args.debug:
+            raise
         print(f"error{'' if rank is None else f' (rank {rank})'}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        kept = (f"the documents scored so far are in {args.docs_out}: run the same command with --resume to continue"
+                if args.docs_out else "no result was written")
+        print(f"interrupted: {kept}.", file=sys.stderr)
+        return 130
     if ctx["world_size"] > 1:
         print(f"ppl_cli: rank {ctx['rank']} of {ctx['world_size']} done", file=sys.stderr)
     return 0
@@ -148,6 +165,8 @@ def run(args, ctx):
     if limit < 0:
         raise ValueError(f"Expected --limit >= 0, but got {limit}.")
     loads_reference = any(v is not None for v in (args.reference_model, args.reference_gguf_file, args.reference_dtype))
+    surprisal_paths = _surprisal_paths(args, rank, world_size)
+    _check_outputs(args, surprisal_paths, rank)  # before anything loads: never an input, never overwritten
     if args.engine == "ray":  # Ray schedules the actors; this process is the driver
         if loads_reference or args.reference_file or args.save_reference or args.quantize:
             raise ValueError("A comparison with a reference (and --quantize) runs with --engine local (one process or "
@@ -158,7 +177,6 @@ def run(args, ctx):
     if args.resume and not args.docs_out:
         raise ValueError("--resume continues a --docs-out folder: give --docs-out DIR too.")
     corpus_kind(args.corpus)  # a missing file fails now, before the model loads
-    surprisal_paths = _surprisal_paths(args, rank, world_size)  # so do bad or existing output files
     corpus = dict(source=args.corpus, text_field=args.text_field, id_field=args.id_field, split=args.split,
                   config=args.dataset_config)
     _check_comparison(args, loads_reference, world_size)
@@ -338,9 +356,8 @@ def comparison_lines(result):
 
 
 def _surprisal_paths(args, rank, world_size):
-    """`--tokens-out` / `--words-out` paths and columns, checked: a known suffix and no existing
-    file (never overwritten; a resumed run writes a new one). Under several processes each rank
-    writes PATH's stem + `.rankNNNN` + suffix."""
+    """`--tokens-out` / `--words-out` paths and columns, with a known suffix. Under several
+    processes each rank writes PATH's stem + `.rankNNNN` + suffix."""
     paths = {}
     for kind, path, columns in (("tokens", args.tokens_out, TOKEN_COLUMNS), ("words", args.words_out, WORD_COLUMNS)):
         if path:
@@ -349,11 +366,24 @@ def _surprisal_paths(args, rank, world_size):
                 raise ValueError(f"Expected --{kind}-out to end in .parquet, .csv or .jsonl, but got {str(path)!r}.")
             if world_size > 1:
                 path = path.with_name(f"{path.stem}.rank{rank:04d}{path.suffix}")
-            if path.exists():
-                raise ValueError(f"The --{kind}-out file {str(path)!r} exists: give a new path (nothing is overwritten; "
-                                 "a resumed run writes the rows it scores to a new file).")
             paths[kind] = (path, columns)
     return paths
+
+
+def _check_outputs(args, surprisal_paths, rank):
+    """Every output of this rank against the run's inputs and each other (see ppl_outputs), and a
+    model card whose metadata cannot be read, all before the model loads."""
+    outputs = [(f"--{kind}-out", path, "file") for kind, (path, _) in surprisal_paths.items()]
+    if rank == 0:
+        outputs += [("--json", None if args.json == "-" else args.json, "file"), ("--save-reference", args.save_reference, "keep"),
+                    ("--model-card", args.model_card and card_file(args.model_card), "update")]
+    outputs.append(("--docs-out", args.docs_out, "folder"))
+    inputs = [("the corpus", args.corpus), ("--model", args.model), ("--gguf-file", args.gguf_file),
+              ("--reference-model", args.reference_model), ("--reference-gguf-file", args.reference_gguf_file),
+              ("--reference-file", args.reference_file)]
+    check_outputs(outputs, inputs, force=args.force)
+    if rank == 0 and args.model_card and card_file(args.model_card).is_file():
+        read_model_card(card_file(args.model_card))  # a broken card fails now, not after the whole run
 
 
 def _write_surprisal(writers, tokenizer, rows):
@@ -391,8 +421,7 @@ def _write_outputs(args, result, *, name, windows):
     if args.json == "-":
         print(json.dumps(result))
     elif args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     if args.model_card:
         path = update_model_card(args.model_card, result, model_name=args.card_model_name or name,
                                  dataset_type=args.card_dataset_type or args.corpus,

@@ -94,9 +94,18 @@ def resolve_device(device):
             return "mps"
         return "cpu"
     try:
-        return str(torch.device(device))
+        resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"Expected `device` like 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto', but got {device!r}.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Expected a `device` this machine has, but got {device!r}: CUDA is not available here "
+                         f"(torch {torch.__version__}); use 'cpu' or 'auto'.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"Expected a `device` this machine has, but got {device!r}: it has "
+                         f"{torch.cuda.device_count()} CUDA device(s).")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"Expected a `device` this machine has, but got {device!r}: MPS is not available here.")
+    return str(resolved)
 
 
 def resolve_dtype(dtype):
@@ -220,9 +229,9 @@ def _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code, pl
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, **options)
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, use_safetensors=None, **options)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, a truncated safetensors file, weights that do not unpickle, ...
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"Could not load model {model_id!r}: {first_line}") from None
+        raise ValueError(f"Could not load model {model_id!r}: {first_line}") from err
     return (model if placement is not None else model.to(device)).eval(), tokenizer
 
 
@@ -242,6 +251,12 @@ def quantize_dynamic_int8(model):
         raise ValueError("Expected a float32 model on the CPU for dynamic int8 quantization (torch runs it there only).")
     output = model.get_output_embeddings()
     layers = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not output}
+    if not layers:  # e.g. GPT-2's Conv1D layers: a "quantized" copy would be the float model under another name
+        kinds = sorted({type(m).__name__ for m in model.modules() if len(list(m.children())) == 0 and
+                        any(p.ndim == 2 for p in m.parameters(recurse=False)) and m is not output})
+        raise ValueError(f"--quantize dynamic-int8 converts torch.nn.Linear layers, and this model has none besides its "
+                         f"output layer (its weight layers are {', '.join(kinds) or 'of no known kind'}): nothing would be "
+                         "quantized.")
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         return quantize_dynamic(copy.deepcopy(model), {name: default_dynamic_qconfig for name in layers}, dtype=torch.qint8).eval()

@@ -6,6 +6,7 @@ import bisect
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -86,7 +87,11 @@ def score_tokens(model, tokenizer, texts, **runner_kwargs):
 
 
 class TableWriter:
-    """Rows appended to a `.parquet`, `.csv` or `.jsonl` file (by its suffix) as they come."""
+    """Rows appended to a `.parquet`, `.csv` or `.jsonl` file (by its suffix) as they come.
+
+    They go to a hidden temporary file beside `path`, renamed onto `path` by `close` when it
+    holds rows (a run that stops early keeps the rows of the documents it finished); a file
+    without rows is removed, and a killed run leaves no half file under `path`."""
 
     def __init__(self, path, columns):
         self.path, self.columns = Path(path), columns
@@ -94,8 +99,10 @@ class TableWriter:
         if self.suffix not in (".parquet", ".csv", ".jsonl"):
             raise ValueError(f"Expected a .parquet, .csv or .jsonl path, but got {str(path)!r}.")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.rows = 0
         self._parquet = None
-        self._file = None if self.suffix == ".parquet" else open(self.path, "w", encoding="utf-8", newline="")
+        self._file = None if self.suffix == ".parquet" else open(self.tmp, "w", encoding="utf-8", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=columns) if self.suffix == ".csv" else None
         if self._csv:
             self._csv.writeheader()
@@ -103,6 +110,7 @@ class TableWriter:
     def write(self, rows):
         if not rows:
             return
+        self.rows += len(rows)
         if self.suffix == ".jsonl":
             self._file.write("".join(json.dumps({k: r[k] for k in self.columns}, ensure_ascii=False) + "\n" for r in rows))
         elif self._csv:
@@ -113,7 +121,7 @@ class TableWriter:
 
             table = pa.Table.from_pylist([{k: r[k] for k in self.columns} for r in rows])
             if self._parquet is None:
-                self._parquet = pq.ParquetWriter(self.path, table.schema)
+                self._parquet = pq.ParquetWriter(self.tmp, table.schema)
             self._parquet.write_table(table.cast(self._parquet.schema))
 
     def close(self):
@@ -121,3 +129,7 @@ class TableWriter:
             self._parquet.close()
         if self._file is not None:
             self._file.close()
+        if self.rows:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)

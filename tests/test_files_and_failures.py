@@ -1,0 +1,268 @@
+"""The command line with a careless user's files: outputs checked before anything loads (never an
+input, never another output, never silently replaced), results written all or nothing, and one
+`error:` line with exit status 2 (130 for Ctrl-C) for every failure a user can cause."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ppl_cli
+import ppl_sources
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["The cat sat on the mat and looked at the door.", "A short second document about rain in the hills.",
+         "Numbers like 12 and 345 are tokens too.", "The last one, with a comma, and an end."]
+
+
+@pytest.fixture(scope="module")
+def files(tiny, tmp_path_factory):
+    """A saved tiny GPT-2 and a JSON Lines corpus of four documents."""
+    root = tmp_path_factory.mktemp("files")
+    model = root / "tiny"
+    tiny[0].save_pretrained(model)
+    tiny[1].save_pretrained(model)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    return {"model": model, "corpus": corpus}
+
+
+def digest(path):
+    """Bytes of a file, or of every file under a folder, as one hash: 'unchanged' is checked byte for byte."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if the model is loaded: these refusals must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(ppl_cli, "load_model", refuse)
+
+
+def run_cli(capsys, files, *args):
+    status = ppl_cli.main(["--model", str(files["model"]), "--device", "cpu", "--corpus", str(files["corpus"]),
+                           "--quiet", *map(str, args)])
+    return status, capsys.readouterr()
+
+
+def one_error_line(err, pattern):
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs checked before the model loads
+# ---------------------------------------------------------------------------------------
+
+
+def test_json_onto_the_corpus_is_refused_and_the_corpus_is_unchanged(files, capsys, no_loading):
+    before = digest(files["corpus"])
+    status, out = run_cli(capsys, files, "--json", files["corpus"])
+    assert status == 2
+    one_error_line(out.err, r"^error: --json '.*corpus\.jsonl' is the corpus, an input of this run")
+    assert digest(files["corpus"]) == before
+
+
+@pytest.mark.parametrize("option", ["--json", "--tokens-out", "--save-reference"])
+def test_an_output_inside_the_model_folder_is_refused(files, capsys, no_loading, option):
+    before = digest(files["model"])
+    target = files["model"] / ("config.json" if option == "--json" else "x.csv" if option == "--tokens-out" else "r.parquet")
+    status, out = run_cli(capsys, files, option, target)
+    assert status == 2
+    one_error_line(out.err, rf"^error: {option} .* is (the folder of )?--model")
+    assert digest(files["model"]) == before
+
+
+def test_json_naming_a_folder_is_refused_before_loading(files, capsys, no_loading, tmp_path):
+    (tmp_path / "jdir").mkdir()
+    status, out = run_cli(capsys, files, "--json", tmp_path / "jdir")
+    assert status == 2
+    one_error_line(out.err, r"^error: Expected --json to be a file, but '.*jdir' is a folder\.$")
+
+
+def test_json_under_a_file_is_refused_before_loading(files, capsys, no_loading, tmp_path):
+    (tmp_path / "plain").write_text("x")
+    status, out = run_cli(capsys, files, "--json", tmp_path / "plain" / "out.json")
+    assert status == 2
+    one_error_line(out.err, r"^error: Cannot write --json .*: '.*plain' is a file, not a folder\.$")
+
+
+def test_two_outputs_on_one_file_are_refused(files, capsys, no_loading, tmp_path):
+    same = tmp_path / "same.csv"
+    status, out = run_cli(capsys, files, "--tokens-out", same, "--words-out", same)
+    assert status == 2
+    one_error_line(out.err, r"^error: --tokens-out and --words-out name the same path '.*same\.csv': give each its own\.$")
+    assert not same.exists()
+
+
+def test_an_existing_json_is_refused_without_force_and_replaced_with_it(files, capsys, tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("keep me")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ppl_cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+        status, out = run_cli(capsys, files, "--json", target)
+    assert status == 2
+    one_error_line(out.err, r"^error: The --json file '.*out\.json' exists: give a new path, or --force to replace it")
+    assert target.read_text() == "keep me"
+    status, out = run_cli(capsys, files, "--json", target, "--force")
+    assert status == 0, out.err
+    assert json.loads(target.read_text())["num_documents"] == len(TEXTS)
+    assert not list(tmp_path.glob(".out.json.*"))  # no temporary file left beside it
+
+
+def test_force_never_replaces_an_input(files, capsys, no_loading):
+    before = digest(files["corpus"])
+    status, out = run_cli(capsys, files, "--json", files["corpus"], "--force")
+    assert status == 2 and "an input of this run" in out.err
+    assert digest(files["corpus"]) == before
+
+
+def test_json_in_a_missing_folder_is_created_with_the_result(files, capsys, tmp_path):
+    target = tmp_path / "new" / "deeper" / "out.json"
+    status, out = run_cli(capsys, files, "--json", target)
+    assert status == 0, out.err
+    assert json.loads(target.read_text())["num_tokens"] > 0
+
+
+def test_a_model_card_with_broken_metadata_fails_before_the_run(files, capsys, no_loading, tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: [mit\n---\n\n# A card\n")
+    before = digest(card)
+    status, out = run_cli(capsys, files, "--model-card", card)
+    assert status == 2
+    one_error_line(out.err, r"^error: Cannot read the model card '.*README\.md': its metadata .* does not parse")
+    assert digest(card) == before
+
+
+# ---------------------------------------------------------------------------------------
+# Files written while scoring: all or nothing
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_run_stopped_by_a_bad_row_leaves_no_empty_tokens_file(files, capsys, tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text(json.dumps({"text": 600}) + "\n" + json.dumps({"text": TEXTS[0]}) + "\n")
+    tokens = tmp_path / "tokens.csv"
+    status = ppl_cli.main(["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--quiet",
+                           "--tokens-out", str(tokens)])
+    assert status == 2
+    assert not tokens.exists() and not list(tmp_path.glob(".tokens.csv.*"))  # a rerun is not blocked
+
+
+def test_tokens_out_is_renamed_into_place_only_when_complete(files, capsys, tmp_path, monkeypatch):
+    tokens = tmp_path / "tokens.jsonl"
+    seen = []
+    original = ppl_cli._write_surprisal
+
+    def spy(writers, tokenizer, rows):
+        original(writers, tokenizer, rows)
+        seen.append((tokens.exists(), writers["tokens"].tmp.exists()))
+
+    monkeypatch.setattr(ppl_cli, "_write_surprisal", spy)
+    status, out = run_cli(capsys, files, "--tokens-out", tokens, "--batch-size", "1")
+    assert status == 0, out.err
+    assert seen and all(pair == (False, True) for pair in seen)  # while scoring: only the hidden temporary file
+    rows = [json.loads(line) for line in tokens.read_text().splitlines()]
+    assert {row["document"] for row in rows} == set(range(len(TEXTS)))
+
+
+# ---------------------------------------------------------------------------------------
+# Failures a user can cause: one line, exit 2
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has the device")
+def test_device_cuda_without_cuda_is_one_line(files, capsys):
+    status, out = ppl_cli.main(["--model", str(files["model"]), "--device", "cuda", "--corpus", str(files["corpus"]),
+                                "--quiet"]), capsys.readouterr()
+    assert status == 2
+    one_error_line(out.err, r"^error: Expected a `device` this machine has, but got 'cuda': CUDA is not available here")
+
+
+@pytest.mark.parametrize("damage", ["truncated-safetensors", "bin-not-weights"])
+def test_damaged_weights_are_one_line(files, capsys, tmp_path, damage):
+    import shutil
+
+    model = tmp_path / "damaged"
+    shutil.copytree(files["model"], model)
+    weights = model / "model.safetensors"
+    if damage == "truncated-safetensors":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.unlink()
+        (model / "pytorch_model.bin").write_bytes(b"this is not a pickle of weights\n" * 10)
+    status = ppl_cli.main(["--model", str(model), "--device", "cpu", "--corpus", str(files["corpus"]), "--quiet"])
+    assert status == 2
+    one_error_line(capsys.readouterr().err, rf"^error: Could not load model '.*damaged': ")
+
+
+def test_debug_shows_the_traceback(files, capsys, no_loading):
+    with pytest.raises(ValueError, match="an input of this run"):
+        run_cli(capsys, files, "--json", files["corpus"], "--debug")
+
+
+def test_quantize_refuses_a_model_without_linear_layers(files, capsys):
+    status, out = run_cli(capsys, files, "--quantize", "dynamic-int8")
+    assert status == 2
+    one_error_line(out.err, r"^error: --quantize dynamic-int8 converts torch\.nn\.Linear layers, and this model has none "
+                            r"besides its output layer \(its weight layers are Conv1D(, Embedding)?\): nothing would be")
+
+
+def test_quantize_converts_every_linear_layer_but_the_output():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    quantized = ppl_sources.quantize_dynamic_int8(model)
+    kinds = [type(m).__module__ for m in quantized.modules() if "Linear" in type(m).__name__]
+    assert sum(k.startswith("torch.ao.nn.quantized.dynamic") for k in kinds) == 2 * 7  # q, k, v, o, gate, up, down
+    assert type(quantized.lm_head) is torch.nn.Linear  # the output layer stays float
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C: exit 130, one line, and a resume to the uninterrupted result
+# ---------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes_to_the_whole_result(files, tmp_path, capsys):
+    corpus = tmp_path / "long.jsonl"
+    n = 1500  # the first part is written at 256 rows; the rest takes seconds: time to interrupt it
+    corpus.write_text("".join(json.dumps({"text": f"{TEXTS[i % 4]} Document {i}."}) + "\n" for i in range(n)))
+    base = [sys.executable, str(ROOT / "ppl_cli.py"), "--model", str(files["model"]), "--device", "cpu",
+            "--corpus", str(corpus), "--limit", str(n), "--batch-size", "1", "--quiet"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    docs = tmp_path / "docs"
+    proc = subprocess.Popen([*base, "--docs-out", str(docs)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(docs.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # a part on disk: the run is scoring
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.fail("the run finished before it could be interrupted: give it a longer corpus")
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"interrupted: the documents scored so far are in {docs}: run the same command with --resume to "
+                     "continue."], err
+    assert ppl_cli.main([*base[2:], "--docs-out", str(docs), "--resume", "--json", str(tmp_path / "resumed.json")]) == 0
+    assert ppl_cli.main([*base[2:], "--json", str(tmp_path / "whole.json")]) == 0
+    capsys.readouterr()
+    resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("resumed", "whole"))
+    assert resumed["num_documents"] == whole["num_documents"] == n
+    assert resumed["num_tokens"] == whole["num_tokens"]
+    assert resumed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-12)
