@@ -20,12 +20,13 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from ppl_card import read_model_card, update_model_card
 from ppl_corpus import DEFAULT_CORPUS, corpus_fingerprint, corpus_kind, iter_documents
 from ppl_dist import DEFAULT_TIMEOUT, DistributedScoringError, barrier, distributed_session, gather_payloads
-from ppl_docs import PartWriter, prepare, read_rows, write_manifest
+from ppl_docs import PartWriter, hold, prepare, read_rows, write_manifest
 from ppl_outputs import atomic_write_text, card_file, check_outputs
 from ppl_compare import ModelReference, SavedReference
 from ppl_runner import pool_rows, resolve_settings, save_reference, score_documents
@@ -139,8 +140,8 @@ def main(argv=None):
         transformers_logging.disable_progress_bar()
     rank = os.environ.get("RANK")
     try:
-        with distributed_session(timeout=args.timeout, backend=args.backend) as ctx:
-            run(args, ctx)
+        with distributed_session(timeout=args.timeout, backend=args.backend) as ctx, ExitStack() as held:
+            run(args, ctx, held)
     except (DistributedScoringError, ValueError, TypeError, OSError) as err:
         if args.debug:
             raise
@@ -158,8 +159,9 @@ def main(argv=None):
     return 0
 
 
-def run(args, ctx):
-    """Score this rank's share, gather the rows on rank 0, pool, report. Returns the result on rank 0."""
+def run(args, ctx, held):
+    """Score this rank's share, gather the rows on rank 0, pool, report. Returns the result on rank 0.
+    `held` (an ExitStack) keeps the --docs-out folder's lock until the run ends."""
     rank, world_size = ctx["rank"], ctx["world_size"]
     limit = args.limit if args.limit is not None else (DEFAULT_LIMIT if args.corpus == DEFAULT_CORPUS else 0)
     if limit < 0:
@@ -218,6 +220,7 @@ def run(args, ctx):
                     "dtype": str(next(model.parameters()).dtype), "windows": windows}
         if reference_name:  # a saved reference by what it holds, not where it lies
             manifest["reference"] = compare.identity() if args.reference_file else reference_name
+        held.callback(hold(args.docs_out, rank).release)  # a second run on the folder is refused while this one writes
         done, first_part = prepare(args.docs_out, manifest, resume=args.resume)  # every rank checks before anyone writes
         barrier(ctx, timeout=args.timeout)
         if rank == 0:

@@ -14,6 +14,7 @@ which bounds what a kill loses.
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -38,6 +39,30 @@ def _schema(compare=False):
 
 def _parts(folder):
     return sorted(p for p in Path(folder).iterdir() if _PART.match(p.name)) if Path(folder).is_dir() else []
+
+
+def hold(folder, rank=0):
+    """Hold `folder` for this run's `rank` until `release()` (or the process ends): a second run
+    writing the same folder at the same time is refused, naming the process that holds it.
+
+    The lock is the operating system's (`filelock`: flock on a hidden `.lock-rankNNNN` file), so
+    a run that dies, even by SIGKILL, leaves no stale lock behind.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"Expected --docs-out to be a folder, but {str(folder)!r} is a file.")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, owner = FileLock(folder / f".lock-rank{rank:04d}"), folder / f".lock-rank{rank:04d}.owner"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner.read_text(encoding="utf-8").strip() if owner.is_file() else "another process"
+        raise ValueError(f"The --docs-out folder {str(folder)!r} is being written by another run ({holder}): wait "
+                         "for it to end, or give another folder.") from None
+    owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}", encoding="utf-8")
+    return lock
 
 
 def prepare(folder, manifest, *, resume):

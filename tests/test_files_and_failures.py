@@ -266,3 +266,34 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes_to_the_whole_result(
     assert resumed["num_documents"] == whole["num_documents"] == n
     assert resumed["num_tokens"] == whole["num_tokens"]
     assert resumed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# Two runs on one --docs-out folder
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_while_the_first_runs_and_accepted_once_it_is_killed(files, tmp_path, capsys):
+    corpus = tmp_path / "long.jsonl"
+    n = 1500
+    corpus.write_text("".join(json.dumps({"text": f"{TEXTS[i % 4]} Document {i}."}) + "\n" for i in range(n)))
+    args = ["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--limit", str(n),
+            "--batch-size", "1", "--quiet", "--docs-out", str(tmp_path / "docs")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    first = subprocess.Popen([sys.executable, str(ROOT / "ppl_cli.py"), *args], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "docs").glob("part-*.parquet")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before the second could start: give it a longer corpus"
+        assert ppl_cli.main([*args, "--resume"]) == 2
+        one_error_line(capsys.readouterr().err, rf"^error: The --docs-out folder '.*docs' is being written by another "
+                                                rf"run \(pid {first.pid} on .+\): wait for it to end, or give another folder\.$")
+        first.kill()  # SIGKILL: no cleanup runs, and the operating system drops the lock with the process
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert ppl_cli.main([*args, "--resume", "--json", str(tmp_path / "out.json")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out.json").read_text())["num_documents"] == n
