@@ -297,3 +297,41 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_accepted_once_it_is
             first.kill()
     assert ppl_cli.main([*args, "--resume", "--json", str(tmp_path / "out.json")]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out.json").read_text())["num_documents"] == n
+
+
+# ---------------------------------------------------------------------------------------
+# Installed with pip: the `perplexity` command is `python ppl_cli.py`
+# ---------------------------------------------------------------------------------------
+
+
+def test_pip_install_gives_a_perplexity_command_equal_to_the_script(files, tmp_path):
+    import shutil
+
+    source = tmp_path / "src"  # a copy of the tracked files: the build leaves nothing in the checkout
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if not name.startswith(("tests/", "benchmarks/", "assets/")):
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, source / name)
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--target", str(target), str(source)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"  # neither the checkout nor the copy on the path: only the installed modules
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(target), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = ["--model", str(files["model"]), "--device", "cpu", "--corpus", str(files["corpus"]), "--quiet"]
+    command = subprocess.run([str(target / "bin" / "perplexity"), *args, "--json", "-"], cwd=elsewhere, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert command.returncode == 0, command.stderr[-3000:]
+    script = subprocess.run([sys.executable, str(ROOT / "ppl_cli.py"), *args, "--json", "-"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    installed, direct = json.loads(command.stdout.splitlines()[-1]), json.loads(script.stdout.splitlines()[-1])
+    assert installed["perplexity"] == direct["perplexity"] and installed["num_tokens"] == direct["num_tokens"]
+    where = subprocess.run([sys.executable, "-c", "import ppl_cli, ppl_torchmetrics; print(ppl_cli.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert Path(where.stdout.strip()).parent == target
+    refused = subprocess.run([str(target / "bin" / "perplexity"), *args, "--json", str(files["corpus"])], cwd=elsewhere,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --json")
