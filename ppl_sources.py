@@ -85,6 +85,7 @@ def model_name(model_id=None, gguf_file=None):
 
 def resolve_device(device):
     """"auto"/None -> cuda, then mps, then cpu; anything else is checked by torch."""
+    given = device
     if device == "gpu":  # evaluate's own perplexity metric spells CUDA so
         device = "cuda"
     if device in (None, "auto"):
@@ -98,13 +99,13 @@ def resolve_device(device):
     except (RuntimeError, TypeError):
         raise ValueError(f"Expected `device` like 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto', but got {device!r}.") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Expected a `device` this machine has, but got {device!r}: CUDA is not available here "
+        raise ValueError(f"Expected a `device` this machine has, but got {given!r}: CUDA is not available here "
                          f"(torch {torch.__version__}); use 'cpu' or 'auto'.")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"Expected a `device` this machine has, but got {device!r}: it has "
+        raise ValueError(f"Expected a `device` this machine has, but got {given!r}: it has "
                          f"{torch.cuda.device_count()} CUDA device(s).")
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"Expected a `device` this machine has, but got {device!r}: MPS is not available here.")
+        raise ValueError(f"Expected a `device` this machine has, but got {given!r}: MPS is not available here.")
     return str(resolved)
 
 
