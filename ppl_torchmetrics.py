@@ -5,7 +5,7 @@ A thin `torchmetrics.Metric` that holds two sums; the math is `ppl_core.pooled_s
 line and Ray actors do not import torchmetrics (about a second) for a class they never use.
 """
 
-import math
+import math  # the doctests use it
 
 import torch
 from torchmetrics import Metric

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ppl_cli
-from conftest import build_tiny_tokenizer, one_intra_op_thread
+from conftest import build_tiny_tokenizer, one_intra_op_thread, write_gguf
 from ppl_corpus import default_corpus, split_paragraphs
 from test_compare import noisy_copy
 
@@ -113,46 +113,6 @@ def corpus(texts, tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t, "url": f"doc://{i}"}) + "\n" for i, t in enumerate(texts)),
                     encoding="utf-8")
-    return path
-
-
-def write_gguf(model, tokenizer, path):
-    """A float32 GGUF of a GPT-2 as llama.cpp's converter writes one (Conv1D weights transposed,
-    the head tied to the embedding), with the byte-level BPE tokenizer in its metadata."""
-    import gguf
-
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_name(path.stem)
-    writer.add_context_length(config.n_positions)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_feed_forward_length(4 * config.n_embd)
-    writer.add_block_count(config.n_layer)
-    writer.add_head_count(config.n_head)
-    writer.add_layer_norm_eps(config.layer_norm_epsilon)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in tokenizer.all_special_tokens else gguf.TokenType.NORMAL
-                            for t in tokens])
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, config.n_layer)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":  # tied to token_embd: no output.weight
-            continue
-        base, suffix = name.rsplit(".", 1)
-        data = tensor.float().numpy()
-        if name.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")):
-            data = data.T
-        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
     return path
 
 

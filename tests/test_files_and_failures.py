@@ -207,7 +207,7 @@ def test_damaged_weights_are_one_line(files, capsys, tmp_path, damage):
         (model / "pytorch_model.bin").write_bytes(b"this is not a pickle of weights\n" * 10)
     status = ppl_cli.main(["--model", str(model), "--device", "cpu", "--corpus", str(files["corpus"]), "--quiet"])
     assert status == 2
-    one_error_line(capsys.readouterr().err, rf"^error: Could not load model '.*damaged': ")
+    one_error_line(capsys.readouterr().err, r"^error: Could not load model '.*damaged': ")
 
 
 def test_debug_shows_the_traceback(files, capsys, no_loading):

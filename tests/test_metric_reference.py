@@ -11,7 +11,6 @@ the `gguf` package (loads in ~0.2 s; the embedded SmolLM2 GGUF takes ~27 s to pa
 """
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_gpt2, build_tiny_tokenizer, one_intra_op_thread
+from conftest import build_tiny_gpt2, build_tiny_tokenizer, one_intra_op_thread, write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,45 +58,6 @@ def perturbed(model, scale=0.3, seed=1):
             if param.ndim == 2:
                 param.add_(torch.randn(param.shape, generator=generator) * scale * param.std())
     return other.eval()
-
-
-def write_gguf(model, tokenizer, path):
-    """A float32 GGUF of a GPT-2 (llama.cpp's tensor names and layout, a byte-level BPE vocabulary)."""
-    import gguf
-
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_block_count(config.n_layer)
-    writer.add_context_length(config.n_positions)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_feed_forward_length(4 * config.n_embd)
-    writer.add_head_count(config.n_head)
-    writer.add_layer_norm_eps(config.layer_norm_epsilon)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    writer.add_token_types([gguf.TokenType.CONTROL if t == tokenizer.eos_token else gguf.TokenType.NORMAL for t in tokens])
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, config.n_layer)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":  # tied to the embedding: no output.weight in the file
-            continue
-        base, suffix = name.rsplit(".", 1)
-        gguf_name = names.get_name(base)
-        array = tensor.float().numpy()
-        if suffix == "weight" and any(k in gguf_name for k in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")):
-            array = array.T  # GPT-2's Conv1D stores (in, out); transformers transposes these back
-        if name == "transformer.wpe.weight":  # transformers reads n_positions as GPT-2's default 1024
-            array = np.concatenate([array, np.zeros((1024 - len(array), array.shape[1]), np.float32)])
-        writer.add_tensor(f"{gguf_name}.{suffix}", np.ascontiguousarray(array, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture(scope="module")
