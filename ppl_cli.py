@@ -24,13 +24,13 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ppl_card import read_model_card, update_model_card
-from ppl_corpus import DEFAULT_CORPUS, corpus_fingerprint, corpus_kind, iter_documents
+from ppl_corpus import DEFAULT_CORPUS, content_digests, corpus_fingerprint, corpus_kind, iter_documents
 from ppl_dist import DEFAULT_TIMEOUT, DistributedScoringError, barrier, distributed_session, gather_payloads
 from ppl_docs import PartWriter, hold, prepare, read_rows, write_manifest
 from ppl_outputs import atomic_write_text, card_file, check_outputs
 from ppl_compare import ModelReference, SavedReference
 from ppl_runner import pool_rows, resolve_settings, save_reference, score_documents
-from ppl_sources import load_model, model_name, quantize_dynamic_int8
+from ppl_sources import MODEL_FILE_SUFFIXES, load_model, model_location, model_name, quantize_dynamic_int8
 from ppl_tokens import TOKEN_COLUMNS, WORD_COLUMNS, TableWriter, document_token_rows, word_rows
 
 DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about 25 s on 2 CPU cores)
@@ -189,7 +189,7 @@ def run(args, ctx, held):
         name = model_name(args.model, args.gguf_file)
         if args.quantize:
             model, name = quantize_dynamic_int8(model), f"{name} (torch dynamic int8)"
-    compare, reference_name = None, None
+    compare, reference_name, scored_files = None, None, (args.model, args.gguf_file)
     if loads_reference:  # by default the model's own checkpoint (e.g. in another dtype)
         same = args.reference_model is None and args.reference_gguf_file is None
         ref_id, ref_gguf = (args.model, args.gguf_file) if same else (args.reference_model, args.reference_gguf_file)
@@ -198,6 +198,7 @@ def run(args, ctx, held):
         reference_name = model_name(ref_id, ref_gguf) + (f" ({args.reference_dtype})" if args.reference_dtype else "")
         if args.save_reference:  # the reference is the model this run scores
             model, tokenizer, name = reference, reference_tokenizer, reference_name
+            scored_files = (ref_id, ref_gguf)
         else:
             compare = ModelReference(reference, reference_tokenizer, name="--reference-model")
     elif args.reference_file:
@@ -217,6 +218,8 @@ def run(args, ctx, held):
     if args.docs_out:
         manifest = {"corpus": args.corpus if isinstance(args.corpus, str) else str(args.corpus),
                     "corpus_fingerprint": corpus_fingerprint(**corpus), "model": name,
+                    "corpus_files": content_digests(args.corpus) if corpus_kind(args.corpus) != "pydoc" else {},
+                    "model_files": content_digests(model_location(*scored_files), MODEL_FILE_SUFFIXES, recursive=False),
                     "dtype": str(next(model.parameters()).dtype), "windows": windows}
         if reference_name:  # a saved reference by what it holds, not where it lies
             manifest["reference"] = compare.identity() if args.reference_file else reference_name

@@ -278,11 +278,41 @@ def _dataset_rows(name, text_field, id_field, split, config):
 # ---------------------------------------------------------------------------------------
 
 
+def _add_file(digest, path):
+    """Feed a file's size and its first and last MiB to `digest` (reading a multi-GB file whole
+    to resume would cost minutes)."""
+    size = os.path.getsize(path)
+    digest.update(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest
+
+
+def file_digest(path):
+    """A short digest of a file's size and its first and last MiB."""
+    return _add_file(hashlib.sha256(), path).hexdigest()[:16]
+
+
+def content_digests(path, suffixes=None, recursive=True):
+    """{name: file_digest} of a file, or of every file under a folder (names relative to it;
+    hidden files and folders aside; only `suffixes` where given). {} where `path` is not local."""
+    if path is None or not isinstance(path, (str, os.PathLike)) or not Path(path).exists():
+        return {}
+    path = Path(path)
+    if path.is_file():
+        return {path.name: file_digest(path)}
+    return {str(p.relative_to(path)): file_digest(p) for p in sorted(path.rglob("*") if recursive else path.iterdir())
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and (suffixes is None or p.suffix.lower() in suffixes)}
+
+
 def corpus_fingerprint(source, *, text_field="text", id_field=None, split="test", config=None):
     """A short digest that changes when the corpus or how it is read changes.
 
-    Files: size plus the first and last MiB (reading a multi-GB file whole to resume would
-    cost minutes); the default corpus: its texts; `datasets`: name, config and split.
+    Files: `file_digest`; a local data folder: that of every file in it, with config and split;
+    the default corpus: its texts; a `datasets` name: name, config and split.
     """
     digest = hashlib.sha256(json.dumps([text_field, id_field]).encode())
     kind = corpus_kind(source)
@@ -290,12 +320,8 @@ def corpus_fingerprint(source, *, text_field="text", id_field=None, split="test"
         for text in default_corpus():
             digest.update(text.encode("utf-8", "surrogatepass"))
     elif kind == "dataset":
-        digest.update(json.dumps([str(source), config, split]).encode())
+        files = content_digests(source)  # a local folder by what it holds, wherever it lies; {} for a Hub name
+        digest.update(json.dumps([config, split, files] if files else [str(source), config, split]).encode())
     else:
-        size = os.path.getsize(source)
-        digest.update(str(size).encode())
-        with open(source, "rb") as f:
-            digest.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            digest.update(f.read(1 << 20))
+        _add_file(digest, source)  # as earlier releases did: their --docs-out folders and saved references still resume
     return digest.hexdigest()[:16]

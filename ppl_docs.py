@@ -65,6 +65,39 @@ def hold(folder, rank=0):
     return lock
 
 
+# A path or name is compared only where the content behind it is not known: the same corpus or
+# model under another path resumes. Content keys of folders written before they existed are skipped.
+_CONTENT_OF = {"corpus": "corpus_fingerprint", "model": "model_files"}
+_ADDED_LATER = {"corpus_files", "model_files"}
+
+
+def _changed_files(there, now):
+    """'a.jsonl changed; b.jsonl is new; c.jsonl is gone' from two {name: digest} dicts."""
+    words = [f"{name} changed" for name in sorted(set(there) & set(now)) if there[name] != now[name]]
+    words += [f"{name} is new" for name in sorted(set(now) - set(there))]
+    words += [f"{name} is gone" for name in sorted(set(there) - set(now))]
+    return "; ".join(words)
+
+
+def _differences(saved, manifest):
+    """What differs between a folder's manifest and this run's, each named, in words where it can be."""
+    differ = []
+    for key in sorted(set(saved) | set(manifest)):
+        there, now = saved.get(key), manifest.get(key)
+        if there == now or key == "corpus_files" or (key in _ADDED_LATER and key not in saved):
+            continue
+        content = _CONTENT_OF.get(key)
+        if content and saved.get(content) and saved.get(content) == manifest.get(content):
+            continue  # the same content under another path or name
+        if key == "corpus_fingerprint" and saved.get("corpus_files") and saved.get("corpus_files") != manifest.get("corpus_files"):
+            differ.append(f"{key}: the corpus changed since the run began ({_changed_files(saved['corpus_files'], manifest.get('corpus_files') or {})})")
+        elif key == "model_files" and there and now:
+            differ.append(f"{key}: the model's files changed since the run began ({_changed_files(there, now)})")
+        else:
+            differ.append(f"{key}: {there!r} there, {now!r} now")
+    return differ
+
+
 def prepare(folder, manifest, *, resume):
     """Check `folder` before anything is scored; read what a resumed run has done already.
 
@@ -95,10 +128,10 @@ def prepare(folder, manifest, *, resume):
     except (OSError, ValueError):
         raise ValueError(f"Cannot resume {str(folder)!r}: it has no readable {MANIFEST}, so it was not written "
                          "by --docs-out.") from None
-    differ = [f"{key}: {saved.get(key)!r} there, {manifest.get(key)!r} now"
-              for key in sorted(set(saved) | set(manifest)) if saved.get(key) != manifest.get(key)]
+    differ = _differences(saved, manifest)
     if differ:
-        raise ValueError(f"Cannot resume {str(folder)!r}: it was written with other settings ({'; '.join(differ)}).")
+        raise ValueError(f"Cannot resume {str(folder)!r}: it was written with other settings ({'; '.join(differ)}); "
+                         "its rows would not pool with this run's. Give a new --docs-out folder to score afresh.")
     for stale in folder.glob(".part-*.tmp"):  # a part a killed run was writing: never complete
         stale.unlink(missing_ok=True)
     parts = _parts(folder)

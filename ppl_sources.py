@@ -236,6 +236,27 @@ def _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code, pl
     return (model if placement is not None else model.to(device)).eval(), tokenizer
 
 
+MODEL_FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt"}  # weights, config, tokenizer
+
+
+def model_location(model_id=None, gguf_file=None):
+    """The local file or folder `load_model(model_id, gguf_file=gguf_file)` reads (for a Hub id,
+    its snapshot in the cache), so a resume can tell new weights saved into the same folder from
+    the old ones; None where it is not on this machine's disk."""
+    if model_id is None and gguf_file is None:
+        return embedded_gguf_path()
+    if gguf_file is not None:
+        return Path(model_id) / gguf_file if model_id is not None and Path(model_id).is_dir() else Path(gguf_file)
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    try:  # a Hub id already in the cache
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model_id), local_files_only=True))
+    except Exception:
+        return None
+
+
 def quantize_dynamic_int8(model):
     """A copy of `model` with torch's dynamic int8 quantization of every linear layer but the
     output layer (int8 weights, activations quantized per batch at run time; CPU only): a real

@@ -335,3 +335,60 @@ def test_pip_install_gives_a_perplexity_command_equal_to_the_script(files, tmp_p
     refused = subprocess.run([str(target / "bin" / "perplexity"), *args, "--json", str(files["corpus"])], cwd=elsewhere,
                              env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --json")
+
+
+# ---------------------------------------------------------------------------------------
+# Resume checks what it would mix, by content
+# ---------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_new_weights_saved_into_the_same_folder(files, tiny, capsys, tmp_path):
+    import shutil
+
+    from conftest import build_tiny_gpt2
+
+    model = tmp_path / "out"  # as a Trainer's output_dir, retrained in place
+    shutil.copytree(files["model"], model)
+    args = ["--model", str(model), "--device", "cpu", "--corpus", str(files["corpus"]), "--quiet",
+            "--docs-out", str(tmp_path / "docs")]
+    assert ppl_cli.main([*args, "--limit", "2"]) == 0
+    build_tiny_gpt2(seed=7).save_pretrained(model)
+    before = digest(tmp_path / "docs")
+    capsys.readouterr()
+    assert ppl_cli.main([*args, "--limit", "4", "--resume"]) == 2
+    one_error_line(capsys.readouterr().err, r"model_files: the model's files changed since the run began "
+                                            r"\(model\.safetensors changed\)")
+    assert digest(tmp_path / "docs") == before
+
+
+def test_resume_refuses_a_changed_file_of_a_folder_corpus_by_name(files, capsys, tmp_path):
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    for name, texts in (("a.jsonl", TEXTS[:2]), ("b.jsonl", TEXTS[2:])):
+        (crawl / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    args = ["--model", str(files["model"]), "--device", "cpu", "--corpus", str(crawl), "--split", "train", "--quiet",
+            "--docs-out", str(tmp_path / "docs")]
+    assert ppl_cli.main([*args, "--limit", "2"]) == 0
+    (crawl / "a.jsonl").write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in TEXTS[:2]))
+    capsys.readouterr()
+    assert ppl_cli.main([*args, "--resume"]) == 2
+    one_error_line(capsys.readouterr().err, r"corpus_fingerprint: the corpus changed since the run began \(a\.jsonl changed\)")
+
+
+def test_resume_accepts_the_same_model_and_corpus_under_other_paths(files, capsys, tmp_path, monkeypatch):
+    import shutil
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(files["model"], elsewhere / "tiny")
+    shutil.copy(files["corpus"], elsewhere / "corpus.jsonl")
+    docs = tmp_path / "docs"
+    common = ["--device", "cpu", "--quiet", "--batch-size", "1"]
+    assert ppl_cli.main(["--model", str(files["model"]), "--corpus", str(files["corpus"]), *common,
+                         "--docs-out", str(docs), "--limit", "2"]) == 0
+    monkeypatch.chdir(elsewhere)  # relative paths to copies: the same content
+    assert ppl_cli.main(["--model", "tiny", "--corpus", "corpus.jsonl", *common, "--docs-out", str(docs), "--resume",
+                         "--json", str(tmp_path / "resumed.json")]) == 0, capsys.readouterr().err
+    assert ppl_cli.main(["--model", str(files["model"]), "--corpus", str(files["corpus"]), *common,
+                         "--json", str(tmp_path / "whole.json")]) == 0
+    resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("resumed", "whole"))
+    assert resumed["num_documents"] == len(TEXTS) and resumed["perplexity"] == whole["perplexity"]
