@@ -347,7 +347,11 @@ def comparison_lines(result):
     q = result["kl_divergence_quantiles"]
     sampled = result["kl_divergence_sampling_se"]
     kl = f"{result['kl_divergence']:.6f} ± {result['kl_divergence_se']:.6f} nats/token" + (
-        f"   (estimated from the file; sampling SE {sampled:.6f})" if sampled else "")
+        f"   (estimated from the file; sampling SE {sampled:.6f}, 95% CI {result['kl_divergence'] - 1.96 * sampled:.6f}"
+        f" - {result['kl_divergence'] + 1.96 * sampled:.6f})" if sampled else "")
+    # the file's estimator is unbiased, so where the true KL (>= 0) is tiny it can come out below 0
+    below_zero = sampled and min(result["kl_divergence"], *q.values()) < 0
+    note = [("KL note", "below 0 only by the file's sampling error: the true KL is >= 0; read the interval")] if below_zero else []
     return [
         ("Reference", result["reference"]),
         ("Reference ppl", f"{result['reference_perplexity']:.4f}"),
@@ -358,6 +362,7 @@ def comparison_lines(result):
         ("Same top-1", f"{100 * result['top1_agreement']:.2f} ± {100 * result['top1_agreement_se']:.2f} %"),
         ("RMS Δp", f"{100 * result['rms_delta_p']:.3f} %"),
         ("NLL correlation", f"{result['nll_correlation']:.4f}" if result["nll_correlation"] is not None else "n/a"),
+        *note,
     ]
 
 

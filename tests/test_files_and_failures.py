@@ -392,3 +392,17 @@ def test_resume_accepts_the_same_model_and_corpus_under_other_paths(files, capsy
                          "--json", str(tmp_path / "whole.json")]) == 0
     resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("resumed", "whole"))
     assert resumed["num_documents"] == len(TEXTS) and resumed["perplexity"] == whole["perplexity"]
+
+
+def test_a_saved_references_kl_below_zero_is_printed_with_its_interval_and_why():
+    result = {"perplexity_ratio_ci": [0.999, 1.001], "kl_divergence_quantiles": {"p50": -2e-5, "p90": 1e-5, "p99": 4e-5,
+              "max": 9e-5}, "kl_divergence_sampling_se": 2e-5, "kl_divergence": -1.2e-5, "kl_divergence_se": 1e-6,
+              "reference": "base.parquet (m)", "reference_perplexity": 10.0, "perplexity_ratio": 1.0,
+              "log_perplexity_ratio": 0.0, "log_perplexity_ratio_se": 1e-5, "top1_agreement": 1.0,
+              "top1_agreement_se": 0.0, "rms_delta_p": 0.001, "nll_correlation": 1.0}
+    lines = dict(ppl_cli.comparison_lines(result))
+    assert lines["KL divergence"] == ("-0.000012 ± 0.000001 nats/token   (estimated from the file; sampling SE 0.000020, "
+                                      "95% CI -0.000051 - 0.000027)")
+    assert lines["KL note"] == "below 0 only by the file's sampling error: the true KL is >= 0; read the interval"
+    result.update(kl_divergence=3e-5, kl_divergence_quantiles={"p50": 1e-5, "p90": 2e-5, "p99": 4e-5, "max": 9e-5})
+    assert "KL note" not in dict(ppl_cli.comparison_lines(result))
