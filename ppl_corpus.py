@@ -264,8 +264,10 @@ def _dataset_rows(name, text_field, id_field, split, config):
         data = datasets.load_dataset(str(name), config, split=split, streaming=True)
         columns = data.column_names or list(data.features or {})
     except Exception as err:  # datasets raises many kinds; the user needs one line
-        raise ValueError(f"Could not load corpus {str(name)!r}: not a file, and `datasets` failed: "
-                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        first = (str(err).splitlines()[0] if str(err) else type(err).__name__).rstrip('.')
+        hint = (f". Pass --split (the `split` argument) with one of those (this run asked for {split!r}; a local "
+                "folder's data files form the 'train' split)" if "split" in first.lower() else "")
+        raise ValueError(f"Could not load corpus {str(name)!r}: not a file, and `datasets` failed: {first}{hint}.") from None
     for field in (text_field, id_field):
         if field is not None and columns and field not in columns:
             raise ValueError(f"The data set {str(name)!r} has no column {field!r} (columns: {columns}).")

@@ -406,3 +406,14 @@ def test_a_saved_references_kl_below_zero_is_printed_with_its_interval_and_why()
     assert lines["KL note"] == "below 0 only by the file's sampling error: the true KL is >= 0; read the interval"
     result.update(kl_divergence=3e-5, kl_divergence_quantiles={"p50": 1e-5, "p90": 2e-5, "p99": 4e-5, "max": 9e-5})
     assert "KL note" not in dict(ppl_cli.comparison_lines(result))
+
+
+def test_a_folder_corpus_without_split_names_the_split_to_pass(files, capsys, tmp_path):
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    (crawl / "a.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    status = ppl_cli.main(["--model", str(files["model"]), "--device", "cpu", "--corpus", str(crawl), "--quiet"])
+    assert status == 2
+    one_error_line(capsys.readouterr().err, r"Bad split: test\. Available splits: \['train'\]\. Pass --split \(the `split` "
+                                            r"argument\) with one of those \(this run asked for 'test'; a local folder's "
+                                            r"data files form the 'train' split\)\.$")
