@@ -203,8 +203,16 @@ def _json_row(row, text_field, id_field, i):
 
 def _jsonl_rows(path, text_field, id_field):
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(line for line in f if line.strip()):
-            yield None, (lambda line=line, i=i: _json_row(json.loads(line), text_field, id_field, i))
+        lines = ((number, line) for number, line in enumerate(f, 1) if line.strip())  # numbered as an editor shows them
+        for i, (number, line) in enumerate(lines):
+            yield None, (lambda line=line, i=i, number=number: _json_row(_json_line(line, number), text_field, id_field, i))
+
+
+def _json_line(line, number):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:  # its own "line 1" would be the line's, not the file's
+        raise ValueError(f"line {number} is not JSON: {err.msg} (column {err.colno})") from None
 
 
 def _json_rows(path, text_field, id_field):

@@ -417,3 +417,12 @@ def test_a_folder_corpus_without_split_names_the_split_to_pass(files, capsys, tm
     one_error_line(capsys.readouterr().err, r"Bad split: test\. Available splits: \['train'\]\. Pass --split \(the `split` "
                                             r"argument\) with one of those \(this run asked for 'test'; a local folder's "
                                             r"data files form the 'train' split\)\.$")
+
+
+def test_a_malformed_json_lines_line_is_named_by_its_line_in_the_file(files, capsys, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": TEXTS[0]}) + "\n\n" + json.dumps({"text": TEXTS[1]}) + "\n{\"text\": oops}\n")
+    status = ppl_cli.main(["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--quiet"])
+    assert status == 2
+    one_error_line(capsys.readouterr().err, r"^error: Could not read corpus '.*c\.jsonl': line 4 is not JSON: Expecting "
+                                            r"value \(column 10\)$")
