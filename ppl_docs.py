@@ -118,8 +118,8 @@ def prepare(folder, manifest, *, resume):
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"Expected --docs-out to be a folder, but {str(folder)!r} is a file.")
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
-    if not entries:
-        return set(), 0
+    if not entries or [p.name for p in entries] == [MANIFEST] and not resume:
+        return set(), 0  # nothing there, or a run that scored nothing (an empty corpus): nothing to lose
     if not resume:
         raise ValueError(f"The --docs-out folder {str(folder)!r} is not empty: pass --resume to continue that run, "
                          "or give a new folder (nothing is overwritten).")

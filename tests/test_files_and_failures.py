@@ -426,3 +426,14 @@ def test_a_malformed_json_lines_line_is_named_by_its_line_in_the_file(files, cap
     assert status == 2
     one_error_line(capsys.readouterr().err, r"^error: Could not read corpus '.*c\.jsonl': line 4 is not JSON: Expecting "
                                             r"value \(column 10\)$")
+
+
+def test_an_empty_corpus_leaves_no_folder_that_blocks_a_plain_rerun(files, capsys, tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n   \n")
+    docs = tmp_path / "docs"
+    common = ["--model", str(files["model"]), "--device", "cpu", "--quiet", "--docs-out", str(docs)]
+    assert ppl_cli.main([*common, "--corpus", str(blank)]) == 2
+    one_error_line(capsys.readouterr().err, r"holds no text")
+    assert ppl_cli.main([*common, "--corpus", str(files["corpus"]), "--json", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["num_documents"] == len(TEXTS)
