@@ -231,8 +231,9 @@ def _load_model_cached(model_id, gguf_file, device, dtype, trust_remote_code, pl
         tokenizer = AutoTokenizer.from_pretrained(model_id, **options)
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, use_safetensors=None, **options)
     except Exception as err:  # OSError, a truncated safetensors file, weights that do not unpickle, ...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"Could not load model {model_id!r}: {first_line}") from err
+        # the whole message on one line: transformers' own can list what it looked for on the next lines
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"Could not load model {model_name(model_id, gguf_file)!r}: {message}") from err
     return (model if placement is not None else model.to(device)).eval(), tokenizer
 
 

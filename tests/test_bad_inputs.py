@@ -665,7 +665,7 @@ def test_load_model_unknown_model_id_offline_fails_without_network(offline, conn
 @pytest.mark.parametrize("model_id, kwargs, match", [
     ("MISSING", {}, "Could not load model '.*missing-folder'"),
     ("EMPTY", {}, "Could not load model '.*empty-folder'"),
-    ("TINY", {"gguf_file": "absent.gguf"}, "Could not load model '.*tiny'.*absent.gguf"),
+    ("TINY", {"gguf_file": "absent.gguf"}, "Could not load model '.*tiny/absent.gguf': .*absent.gguf"),
     ("TINY", {"device": "tpu9"}, "`device`.*'tpu9'"),
     ("TINY", {"dtype": "int8"}, "`dtype`.*'int8'"),
 ])

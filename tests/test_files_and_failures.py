@@ -437,3 +437,16 @@ def test_an_empty_corpus_leaves_no_folder_that_blocks_a_plain_rerun(files, capsy
     one_error_line(capsys.readouterr().err, r"holds no text")
     assert ppl_cli.main([*common, "--corpus", str(files["corpus"]), "--json", str(tmp_path / "out.json")]) == 0
     assert json.loads((tmp_path / "out.json").read_text())["num_documents"] == len(TEXTS)
+
+
+def test_a_gguf_that_is_not_one_and_an_empty_model_folder_are_named_whole(files, capsys, tmp_path):
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    assert ppl_cli.main(["--gguf-file", str(binary), "--device", "cpu", "--corpus", str(files["corpus"]), "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, rf"^error: Could not load model '{re.escape(str(tmp_path))}/binary\.bin': ")
+    (tmp_path / "empty").mkdir()
+    assert ppl_cli.main(["--model", str(tmp_path / "empty"), "--device", "cpu", "--corpus", str(files["corpus"]),
+                         "--quiet"]) == 2
+    line = capsys.readouterr().err.strip()
+    one_error_line(line, r"^error: Could not load model '.*empty': ")
+    assert not line.endswith("from one of: ") and not line.endswith(":"), line  # not cut off mid-sentence
