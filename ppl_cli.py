@@ -224,7 +224,7 @@ def run(args, ctx, held):
         if reference_name:  # a saved reference by what it holds, not where it lies
             manifest["reference"] = compare.identity() if args.reference_file else reference_name
         held.callback(hold(args.docs_out, rank).release)  # a second run on the folder is refused while this one writes
-        done, first_part = prepare(args.docs_out, manifest, resume=args.resume)  # every rank checks before anyone writes
+        done, first_part = prepare(args.docs_out, manifest, resume=args.resume, rank=rank)  # every rank checks first
         barrier(ctx, timeout=args.timeout)
         if rank == 0:
             write_manifest(args.docs_out, manifest)
@@ -249,7 +249,7 @@ def run(args, ctx, held):
     surprisal = {}
     try:
         for kind, (path, columns) in surprisal_paths.items():
-            surprisal[kind] = TableWriter(path, columns)
+            surprisal[kind] = TableWriter(path, columns, replace=args.force)
         for part in score_documents(model, tokenizer, todo(), progress=not args.quiet and rank == 0,
                                     keep_logprobs=bool(surprisal), **options):
             if surprisal:
@@ -389,9 +389,11 @@ def _check_outputs(args, surprisal_paths, rank):
         outputs += [("--json", None if args.json == "-" else args.json, "file"), ("--save-reference", args.save_reference, "keep"),
                     ("--model-card", args.model_card and card_file(args.model_card), "update")]
     outputs.append(("--docs-out", args.docs_out, "folder"))
-    inputs = [("the corpus", args.corpus), ("--model", args.model), ("--gguf-file", args.gguf_file),
-              ("--reference-model", args.reference_model), ("--reference-gguf-file", args.reference_gguf_file),
+    inputs = [("the corpus", args.corpus), ("--model", model_location(args.model, args.gguf_file), MODEL_FILE_SUFFIXES),
               ("--reference-file", args.reference_file)]
+    if args.reference_model or args.reference_gguf_file:
+        inputs.append(("--reference-model", model_location(args.reference_model, args.reference_gguf_file),
+                       MODEL_FILE_SUFFIXES))
     check_outputs(outputs, inputs, force=args.force)
     if rank == 0 and args.model_card and card_file(args.model_card).is_file():
         read_model_card(card_file(args.model_card))  # a broken card fails now, not after the whole run

@@ -257,7 +257,8 @@ class _TargetNLL(torch.autograd.Function):
                 hi = min(lo + rows_per_call, preds.shape[1])
                 probs = torch.softmax(preds[b, lo:hi].to(working), dim=-1)
                 probs[torch.arange(hi - lo, device=preds.device), ids[b, lo:hi]] -= 1.0
-                grad[b, lo:hi] = probs.mul_(weight[b, lo:hi, None].to(working))
+                # ignored rows get 0, also where their logits are NaN or inf (0 * inf would be NaN)
+                grad[b, lo:hi] = torch.where(mask[b, lo:hi, None], probs.mul_(weight[b, lo:hi, None].to(working)), 0.0)
         return grad, None, None
 
 

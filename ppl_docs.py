@@ -98,7 +98,7 @@ def _differences(saved, manifest):
     return differ
 
 
-def prepare(folder, manifest, *, resume):
+def prepare(folder, manifest, *, resume, rank=0):
     """Check `folder` before anything is scored; read what a resumed run has done already.
 
     Args:
@@ -106,6 +106,7 @@ def prepare(folder, manifest, *, resume):
         manifest: a JSON-able dict of what decides the numbers (corpus fingerprint, model,
             window settings); a resumed folder must have been written with the same.
         resume: continue a folder that holds parts; without it a non-empty folder is an error.
+        rank: this process's rank; rank 0 removes the parts a killed run left half written.
 
     Returns:
         (indices already scored, the first free part number).
@@ -132,8 +133,9 @@ def prepare(folder, manifest, *, resume):
     if differ:
         raise ValueError(f"Cannot resume {str(folder)!r}: it was written with other settings ({'; '.join(differ)}); "
                          "its rows would not pool with this run's. Give a new --docs-out folder to score afresh.")
-    for stale in folder.glob(".part-*.tmp"):  # a part a killed run was writing: never complete
-        stale.unlink(missing_ok=True)
+    if rank == 0:  # rank 0's lock is the whole run's: another run's other ranks never delete a part being written
+        for stale in folder.glob(".part-*.tmp"):  # a part a killed run was writing: never complete
+            stale.unlink(missing_ok=True)
     parts = _parts(folder)
     done = set(read_rows(folder, columns=["index"])["index"].tolist()) if parts else set()
     return done, 1 + max((int(_PART.match(p.name).group(1)) for p in parts), default=-1)

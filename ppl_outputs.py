@@ -38,17 +38,23 @@ def atomic_write_text(path, text):
 
 
 def _input_files(inputs):
-    """{resolved path: what it is} for the inputs that are local files or folders (a folder's files too)."""
-    found = {}
-    for label, value in inputs:
+    """{resolved path: what it is} for the inputs that are local files or folders, and the folders
+    whose every file is read. An input is (label, path) — a file, or a folder read whole (a corpus)
+    — or (label, folder, suffixes): a folder of which only the top-level files with those suffixes
+    are read (a model: its weights, config and tokenizer, not its README.md)."""
+    found, whole = {}, set()
+    for label, value, *suffixes in inputs:
         if not value or not isinstance(value, (str, os.PathLike)) or not Path(value).exists():
-            continue  # a Hub id, a datasets name, the embedded default
+            continue  # a Hub id, a datasets name
         path = Path(value).resolve()
         found[path] = label
         if path.is_dir():
-            for file in path.rglob("*"):
+            files = path.rglob("*") if not suffixes else (p for p in path.iterdir() if p.suffix.lower() in suffixes[0])
+            for file in files:
                 found.setdefault(file.resolve(), f"{label} (its file {file.relative_to(path)})")
-    return found
+            if not suffixes:
+                whole.add(path)
+    return found, whole
 
 
 def _check_place(option, path, *, folder):
@@ -58,7 +64,7 @@ def _check_place(option, path, *, folder):
             raise ValueError(f"Expected {option} to be a folder, but {str(path)!r} is a file.")
     elif path.is_dir():
         raise ValueError(f"Expected {option} to be a file, but {str(path)!r} is a folder.")
-    parent = path.parent
+    parent = path if folder and path.is_dir() else path.parent  # an existing folder is written in, not beside
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -71,21 +77,20 @@ def check_outputs(outputs, inputs, *, force=False):
     """Check every output before the model loads.
 
     Args:
-        inputs: (label, path) pairs of what the run reads.
+        inputs: what the run reads: (label, path) or (label, folder, suffixes), see `_input_files`.
         force: let an existing "file" output be replaced (never an input).
 
     Raises:
         ValueError: naming the option and the path.
     """
-    read = _input_files(inputs)
+    read, whole = _input_files(inputs)
     taken = {}
     for option, path, kind in outputs:
         if not path:
             continue
         path = Path(path)
         resolved = path.resolve()
-        clash = read.get(resolved) or next((f"the folder of {label}" for p, label in read.items()
-                                            if p.is_dir() and resolved.is_relative_to(p)), None)
+        clash = read.get(resolved) or next((f"the folder of {read[p]}" for p in whole if resolved.is_relative_to(p)), None)
         if clash:
             raise ValueError(f"{option} {str(path)!r} is {clash}, an input of this run: give another path "
                              "(nothing this run reads is ever written).")

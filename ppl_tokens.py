@@ -91,10 +91,11 @@ class TableWriter:
 
     They go to a hidden temporary file beside `path`, renamed onto `path` by `close` when it
     holds rows (a run that stops early keeps the rows of the documents it finished); a file
-    without rows is removed, and a killed run leaves no half file under `path`."""
+    without rows is removed (and with `replace`, an earlier file at `path` too), and a killed
+    run leaves no half file under `path`."""
 
-    def __init__(self, path, columns):
-        self.path, self.columns = Path(path), columns
+    def __init__(self, path, columns, replace=False):
+        self.path, self.columns, self.replace = Path(path), columns, replace
         self.suffix = self.path.suffix.lower()
         if self.suffix not in (".parquet", ".csv", ".jsonl"):
             raise ValueError(f"Expected a .parquet, .csv or .jsonl path, but got {str(path)!r}.")
@@ -133,3 +134,5 @@ class TableWriter:
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+            if self.replace:  # --force: an earlier run's file must not pass for this run's rows
+                self.path.unlink(missing_ok=True)

@@ -59,6 +59,8 @@ class Perplexity(Metric):
 
     def compute(self):
         """Perplexity over everything added since the last `reset` (on every process, once synced)."""
+        if int(self.count) == 0 and self._is_synced:
+            self.unsync()  # torchmetrics' sync context would keep the gathered state after the error below
         return perplexity_from_sums(self.nll_sum, self.count)
 
     @torch.jit.unused
@@ -75,7 +77,7 @@ class Perplexity(Metric):
             state, self._update_count, self.compute_on_cpu, self._to_sync, self._should_unsync = saved
             for name, value in state.items():
                 setattr(self, name, value)
-            self._enable_grad, self._computed = False, None
+            self._enable_grad, self._computed, self._is_synced, self._cache = False, None, False, None
             raise
 
     def _apply(self, fn, exclude_state=()):

@@ -4,6 +4,7 @@ input, never another output, never silently replaced), results written all or no
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -77,14 +78,25 @@ def test_json_onto_the_corpus_is_refused_and_the_corpus_is_unchanged(files, caps
     assert digest(files["corpus"]) == before
 
 
-@pytest.mark.parametrize("option", ["--json", "--tokens-out", "--save-reference"])
-def test_an_output_inside_the_model_folder_is_refused(files, capsys, no_loading, option):
-    before = digest(files["model"])
-    target = files["model"] / ("config.json" if option == "--json" else "x.csv" if option == "--tokens-out" else "r.parquet")
-    status, out = run_cli(capsys, files, option, target)
+def test_the_models_own_files_are_refused_and_its_card_is_written(files, capsys, tmp_path):
+    import shutil
+
+    model = tmp_path / "my-model"
+    shutil.copytree(files["model"], model)
+    (model / "README.md").write_text("---\nlicense: mit\n---\n\n# my-model\n")  # its card, as save_pretrained users keep one
+    weights = digest(model / "model.safetensors")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ppl_cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+        status = ppl_cli.main(["--model", str(model), "--device", "cpu", "--corpus", str(files["corpus"]), "--quiet",
+                               "--json", str(model / "config.json"), "--force"])
     assert status == 2
-    one_error_line(out.err, rf"^error: {option} .* is (the folder of )?--model")
-    assert digest(files["model"]) == before
+    one_error_line(capsys.readouterr().err, r"^error: --json '.*config\.json' is --model \(its file config\.json\), an input")
+    # what the loader does not read is the user's to write: the model's own card, before pushing it
+    status = ppl_cli.main(["--model", str(model), "--device", "cpu", "--corpus", str(files["corpus"]), "--quiet",
+                           "--model-card", str(model), "--tokens-out", str(model / "tokens.csv")])
+    assert status == 0, capsys.readouterr().err
+    assert "perplexity" in (model / "README.md").read_text() and (model / "tokens.csv").is_file()
+    assert digest(model / "model.safetensors") == weights
 
 
 def test_json_naming_a_folder_is_refused_before_loading(files, capsys, no_loading, tmp_path):
@@ -450,3 +462,36 @@ def test_a_gguf_that_is_not_one_and_an_empty_model_folder_are_named_whole(files,
     line = capsys.readouterr().err.strip()
     one_error_line(line, r"^error: Could not load model '.*empty': ")
     assert not line.endswith("from one of: ") and not line.endswith(":"), line  # not cut off mid-sentence
+
+
+def test_only_rank_0_removes_a_half_written_part(tmp_path):
+    from ppl_docs import MANIFEST, prepare, write_manifest
+
+    manifest = {"model": "m", "windows": "w"}
+    write_manifest(tmp_path, manifest)
+    stale = tmp_path / ".part-00003-rank0000.parquet.tmp"
+    stale.write_bytes(b"half")
+    prepare(tmp_path, manifest, resume=True, rank=1)  # another run's rank 1 may get its own lock: it must not touch it
+    assert stale.exists() and (tmp_path / MANIFEST).exists()
+    prepare(tmp_path, manifest, resume=True, rank=0)
+    assert not stale.exists()
+
+
+def test_force_with_no_rows_removes_the_earlier_file(tmp_path):
+    from ppl_tokens import TOKEN_COLUMNS, TableWriter
+
+    for replace in (False, True):
+        path = tmp_path / f"t{replace}.csv"
+        path.write_text("an earlier run's rows\n")
+        TableWriter(path, TOKEN_COLUMNS, replace=replace).close()
+        assert path.exists() is not replace  # kept unless replacing: then it must not pass for this run's rows
+
+
+def test_the_gradient_is_zero_on_ignored_rows_even_where_their_logits_are_not_finite():
+    from ppl_core import perplexity
+
+    preds = torch.randn(1, 3, 5, dtype=torch.float64)
+    preds[0, 1, 2] = math.inf
+    preds.requires_grad_()
+    perplexity(preds, torch.tensor([[1, -100, 4]]), ignore_index=-100).backward()
+    assert torch.isfinite(preds.grad).all() and (preds.grad[0, 1] == 0).all()

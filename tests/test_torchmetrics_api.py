@@ -311,6 +311,16 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
                 steps.append(metric(preds[k], target[k]).item())
                 local.update(preds[k], target[k])
             results.append({"steps": steps, "synced": metric.compute().item(), "local": local.compute().item()})
+        # nothing scored on any rank: compute refuses, and the metric is not left synced (it works afterwards)
+        metric = Perplexity(ignore_index=-100)
+        metric.update(preds[0], torch.full_like(target[0], -100))
+        try:
+            metric.compute()
+            refused = False
+        except ValueError:
+            refused = True
+        metric.update(preds[rank], target[rank])
+        results.append({"refused": refused, "after": metric.compute().item()})
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         torch.distributed.destroy_process_group()
@@ -319,6 +329,10 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
 def test_two_gloo_processes_give_the_one_process_value(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, nprocs=2, join=True, args=(2, str(tmp_path / "init"), str(tmp_path)))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    preds, target = batches(ignore_index=-100, seed=16)
+    for rank in range(2):
+        assert ranks[rank][-1]["refused"]
+        assert ranks[rank][-1]["after"] == pytest.approx(reference(preds[:2], target[:2], -100), rel=1e-6)
     for case, (ignore_index, dist_sync_on_step) in enumerate(DDP_CASES):
         preds, target = batches(ignore_index=ignore_index, seed=16)
         everything = reference(preds, target, ignore_index)
