@@ -248,7 +248,7 @@ class _TargetNLL(torch.autograd.Function):
         target = target.to(preds.device)
         mask = scored_mask(target, ctx.ignore_index)
         ids = torch.where(mask, target, 0).long()  # any valid id where ignored: its row is zeroed below
-        weight = torch.where(mask, grad_nll.to(preds.device), 0.0)
+        weight = grad_nll.to(preds.device)
         working = torch.promote_types(preds.dtype, torch.float32)
         grad = torch.empty_like(preds)
         rows_per_call = max(1, _ELEMENTS_PER_CALL // preds.shape[-1])
@@ -272,8 +272,8 @@ def pooled_sums(preds, target, ignore_index=None):
         nll = _TargetNLL.apply(preds, target, ignore_index)
     else:
         nll = target_nll(preds, target, ignore_index)
-    mask = scored_mask(target, ignore_index).to(nll.device)
-    return torch.where(mask, nll, 0.0).sum(), mask.sum()
+    nll_sums, counts = sequence_sums(nll, scored_mask(target, ignore_index).to(nll.device))
+    return nll_sums.sum(), counts.sum()
 
 
 def perplexity_from_sums(nll_sum, count):
