@@ -365,6 +365,7 @@ def _tokenize(tokenizer, texts, offset, start_id):
     for i, item in enumerate(texts):
         if not isinstance(item, (str, Pair, Chat)):
             raise TypeError(f"Expected `texts[{offset + i}]` to be a string, but got {type(item).__name__}.")
+        check_unicode(item, f"`texts[{offset + i}]`")
     ids = tokenizer([texts[i] for i in plain], add_special_tokens=False)["input_ids"] if plain else []
     encoded = dict(zip(plain, ids))
     sequences, masks = [], []
@@ -385,6 +386,19 @@ def _tokenize(tokenizer, texts, offset, start_id):
         sequences.append(seq)
         masks.append(mask)
     return sequences, masks
+
+
+def check_unicode(item, label):
+    """Refuse a lone surrogate (as `json.loads` gives for "\\ud800"): tokenizers reject it with a
+    type error that names neither the text nor the character."""
+    strings = (item.context, item.continuation) if isinstance(item, Pair) else (
+        [m["content"] for m in item.messages] if isinstance(item, Chat) else [item])
+    for text in strings:
+        try:
+            text.encode("utf-8") if isinstance(text, str) else None
+        except UnicodeEncodeError as err:
+            raise ValueError(f"Expected {label} to be valid Unicode text, but it holds a lone surrogate "
+                             f"(U+{ord(text[err.start]):04X}) at character {err.start}.") from None
 
 
 def split_pair(tokenizer, context, continuation):

@@ -387,6 +387,7 @@ def _runner_cases():
         P(["fine", None], {}, TypeError, r"`texts\[1\]`", id="text-None"),
         P(["fine", ""], {}, ValueError, r"`texts\[1\]`", id="text-empty"),
         P(["x"], {"add_start_token": False}, ValueError, r"`texts\[0\]`.*no start token", id="one-token-no-start-token"),
+        P(["fine", "a \ud800 b"], {}, ValueError, r"`texts\[1\]`.*lone surrogate \(U\+D800\) at character 2", id="lone-surrogate"),
         # windows
         P(TEXTS, {"max_length": 8, "stride": 9}, ValueError, "`stride`", id="stride-over-max-length"),
         P(TEXTS, {"stride": 300}, ValueError, "`stride`", id="stride-over-default-max-length"),
@@ -503,6 +504,7 @@ def _text_cases():
         P([], {}, ValueError, r"`texts`|`predictions`", id="no-texts"),
         P(["fine", ""], {}, ValueError, r"`texts\[1\]`|`predictions\[1\]`", id="empty-text"),
         P(["fine", None], {}, TypeError, r"`texts\[1\]`|`predictions\[1\]`", id="None-text"),
+        P(["fine", "a \udfff"], {}, ValueError, r"`predictions\[1\]`.*lone surrogate \(U\+DFFF\) at character 2", id="lone-surrogate"),
         P([5, 6], {}, (TypeError, ValueError), "predictions", id="int-texts"),
         P([b"bytes"], {}, (TypeError, ValueError), "predictions", id="bytes-text"),
         P(TEXTS, {"max_length": 8, "stride": 9}, ValueError, "`stride`", id="stride-over-max-length"),

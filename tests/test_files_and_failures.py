@@ -175,6 +175,19 @@ def test_a_run_stopped_by_a_bad_row_leaves_no_empty_tokens_file(files, capsys, t
     assert not tokens.exists() and not list(tmp_path.glob(".tokens.csv.*"))  # a rerun is not blocked
 
 
+def test_a_lone_surrogate_is_named_by_document_and_leaves_no_tokens_file(files, capsys, tmp_path):
+    corpus = tmp_path / "surrogate.jsonl"  # json.dumps writes "\\ud800", which json.loads reads back as a lone surrogate
+    corpus.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate([TEXTS[0], "bad \ud800 text"])))
+    before = digest(corpus)
+    tokens = tmp_path / "tokens.csv"
+    status = ppl_cli.main(["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--quiet",
+                           "--id-field", "id", "--tokens-out", str(tokens)])
+    assert status == 2
+    one_error_line(capsys.readouterr().err, r"^error: Expected document 1 \(id 'doc-1'\) to be valid Unicode text, but it "
+                                            r"holds a lone surrogate \(U\+D800\) at character 4\.$")
+    assert not tokens.exists() and digest(corpus) == before
+
+
 def test_tokens_out_is_renamed_into_place_only_when_complete(files, capsys, tmp_path, monkeypatch):
     tokens = tmp_path / "tokens.jsonl"
     seen = []
