@@ -142,22 +142,27 @@ def _select(rows, limit, rank, world_size, path=None):
 
 
 def _text_file_documents(path):
-    """WikiText-style files (the first non-blank line is an article title " = Title = "):
-    one document per article, as lm-evaluation-harness's `wikitext` task reads them (the
-    title line and every line up to the next title, joined by newlines, exactly as in the
-    file). Other text files: blank-line-separated paragraphs, stripped."""
     with open(path, encoding="utf-8") as f:
-        lines = iter(f)
-        head = []
-        for line in lines:
-            head.append(line)
-            if line.strip():
-                break
-        lines = itertools.chain(head, lines)
-        if head and _is_article_title(head[-1]):
-            yield from _wikitext_articles(lines)
-        else:
-            yield from _paragraphs(lines)
+        yield from _text_documents(f)
+
+
+def _text_documents(lines):
+    """The documents of one text file's lines (with their line ends). WikiText-style files (the
+    first non-blank line is an article title " = Title = "): one document per article, as
+    lm-evaluation-harness's `wikitext` task reads them (the title line and every line up to the
+    next title, joined by newlines, exactly as in the file). Other text files: blank-line-separated
+    paragraphs, stripped."""
+    lines = iter(lines)
+    head = []
+    for line in lines:
+        head.append(line)
+        if line.strip():
+            break
+    lines = itertools.chain(head, lines)
+    if head and _is_article_title(head[-1]):
+        yield from _wikitext_articles(lines)
+    else:
+        yield from _paragraphs(lines)
 
 
 def _is_article_title(line):
@@ -268,8 +273,11 @@ def _dataset_rows(name, text_field, id_field, split, config):
     """A `datasets` data set (a Hub name, or a local folder of data files), streamed."""
     import datasets
 
+    # A local folder of .txt files: each file whole (`datasets` gives one row per line), split as a single file is
+    text_folder = Path(name).is_dir() and all(p.suffix.lower() == ".txt" for p in _data_files(Path(name)))
     try:
-        data = datasets.load_dataset(str(name), config, split=split, streaming=True)
+        data = datasets.load_dataset(str(name), config, split=split, streaming=True,
+                                     **({"sample_by": "document"} if text_folder else {}))
         columns = data.column_names or list(data.features or {})
     except Exception as err:  # datasets raises many kinds; the user needs one line
         first = (str(err).splitlines()[0] if str(err) else type(err).__name__).rstrip('.')
@@ -280,7 +288,15 @@ def _dataset_rows(name, text_field, id_field, split, config):
         if field is not None and columns and field not in columns:
             raise ValueError(f"The data set {str(name)!r} has no column {field!r} (columns: {columns}).")
     for row in data:
-        yield (row.get(id_field) if id_field else None), row.get(text_field)
+        if text_folder:
+            yield from ((None, text) for text in _text_documents(row["text"].splitlines(keepends=True)))
+        else:
+            yield (row.get(id_field) if id_field else None), row.get(text_field)
+
+
+def _data_files(folder):
+    """The files of a local data folder that `datasets` reads (it skips hidden ones, such as our manifests)."""
+    return [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -442,6 +443,26 @@ def test_a_folder_corpus_without_split_names_the_split_to_pass(files, capsys, tm
     one_error_line(capsys.readouterr().err, r"Bad split: test\. Available splits: \['train'\]\. Pass --split \(the `split` "
                                             r"argument\) with one of those \(this run asked for 'test'; a local folder's "
                                             r"data files form the 'train' split\)\.$")
+
+
+def test_a_folder_of_text_files_is_split_as_each_file_alone(files, capsys, tmp_path):
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    a = f"{TEXTS[0]}\n{TEXTS[1]}\n\n\n{TEXTS[2]}\n"  # two paragraphs, the first of two lines
+    b = f" = Title = \n\n{TEXTS[3]}\n\n = Other = \n\n{TEXTS[0]}\n"  # WikiText-style: two articles
+    (crawl / "a.txt").write_text(a)
+    (crawl / "b.txt").write_text(b)
+    outputs = {}
+    for name, corpus in (("folder", crawl), ("a", crawl / "a.txt"), ("b", crawl / "b.txt")):
+        docs = tmp_path / f"docs-{name}"
+        status = ppl_cli.main(["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--split",
+                               "train", "--quiet", "--docs-out", str(docs)])
+        assert status == 0, capsys.readouterr().err
+        outputs[name] = pd.read_parquet(docs).sort_values("index")
+    folder, alone = outputs["folder"], pd.concat([outputs["a"], outputs["b"]])
+    assert len(folder) == 4
+    assert folder["num_tokens"].tolist() == alone["num_tokens"].tolist()
+    assert folder["nll"].tolist() == pytest.approx(alone["nll"].tolist(), rel=1e-6)
 
 
 def test_a_malformed_json_lines_line_is_named_by_its_line_in_the_file(files, capsys, tmp_path):
