@@ -30,7 +30,7 @@ from ppl_docs import PartWriter, hold, prepare, read_rows, write_manifest
 from ppl_outputs import atomic_write_text, card_file, check_outputs
 from ppl_compare import ModelReference, SavedReference
 from ppl_runner import pool_rows, resolve_settings, save_reference, score_documents
-from ppl_sources import MODEL_FILE_SUFFIXES, load_model, model_location, model_name, quantize_dynamic_int8
+from ppl_sources import MODEL_FILE_SUFFIXES, int8_label, load_model, model_location, model_name, quantize_dynamic_int8
 from ppl_tokens import TOKEN_COLUMNS, WORD_COLUMNS, TableWriter, document_token_rows, word_rows
 
 DEFAULT_LIMIT = 16  # documents of the default corpus scored when no --limit is given (about 25 s on 2 CPU cores)
@@ -188,7 +188,7 @@ def run(args, ctx, held):
                                       trust_remote_code=args.trust_remote_code, device_map=args.device_map)
         name = model_name(args.model, args.gguf_file)
         if args.quantize:
-            model, name = quantize_dynamic_int8(model), f"{name} (torch dynamic int8)"
+            model, name = quantize_dynamic_int8(model), f"{name} ({int8_label(model)})"
     compare, reference_name, scored_files = None, None, (args.model, args.gguf_file)
     if loads_reference:  # by default the model's own checkpoint (e.g. in another dtype)
         same = args.reference_model is None and args.reference_gguf_file is None

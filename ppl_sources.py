@@ -258,6 +258,29 @@ def model_location(model_id=None, gguf_file=None):
         return None
 
 
+def int8_layers(model):
+    """(names of the layers `quantize_dynamic_int8` converts, {name: kind} of the other weight
+    layers it leaves float): torch converts `nn.Linear` only, and we keep the output layer."""
+    output = model.get_output_embeddings()
+    layers, others = [], {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not output:
+            layers.append(name)
+        elif (module is not output and not isinstance(module, torch.nn.Embedding) and not list(module.children())
+              and any(p.ndim == 2 for p in module.parameters(recurse=False))):
+            others[name] = type(module).__name__  # e.g. transformers' Conv1D
+    return layers, others
+
+
+def int8_label(model):
+    """How a report names the int8 variant: with the share converted when some layers stay float."""
+    layers, others = int8_layers(model)
+    if not others:
+        return "torch dynamic int8"
+    return (f"torch dynamic int8 of {len(layers)} of {len(layers) + len(others)} weight layers; "
+            f"{len(others)} {'/'.join(sorted(set(others.values())))} stay float32")
+
+
 def quantize_dynamic_int8(model):
     """A copy of `model` with torch's dynamic int8 quantization of every linear layer but the
     output layer (int8 weights, activations quantized per batch at run time; CPU only): a real
@@ -272,14 +295,11 @@ def quantize_dynamic_int8(model):
 
     if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
         raise ValueError("Expected a float32 model on the CPU for dynamic int8 quantization (torch runs it there only).")
-    output = model.get_output_embeddings()
-    layers = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not output}
+    layers, others = int8_layers(model)
     if not layers:  # e.g. GPT-2's Conv1D layers: a "quantized" copy would be the float model under another name
-        kinds = sorted({type(m).__name__ for m in model.modules() if len(list(m.children())) == 0 and
-                        any(p.ndim == 2 for p in m.parameters(recurse=False)) and m is not output})
         raise ValueError(f"--quantize dynamic-int8 converts torch.nn.Linear layers, and this model has none besides its "
-                         f"output layer (its weight layers are {', '.join(kinds) or 'of no known kind'}): nothing would be "
-                         "quantized.")
+                         f"output layer (its weight layers are {', '.join(sorted(set(others.values()))) or 'of no known kind'}): "
+                         "nothing would be quantized.")
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         return quantize_dynamic(copy.deepcopy(model), {name: default_dynamic_qconfig for name in layers}, dtype=torch.qint8).eval()

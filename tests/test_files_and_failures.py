@@ -253,10 +253,27 @@ def test_quantize_converts_every_linear_layer_but_the_output():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
+    assert ppl_sources.int8_label(model) == "torch dynamic int8"  # every weight layer but the output converted
     quantized = ppl_sources.quantize_dynamic_int8(model)
     kinds = [type(m).__module__ for m in quantized.modules() if "Linear" in type(m).__name__]
     assert sum(k.startswith("torch.ao.nn.quantized.dynamic") for k in kinds) == 2 * 7  # q, k, v, o, gate, up, down
     assert type(quantized.lm_head) is torch.nn.Linear  # the output layer stays float
+
+
+def test_quantize_names_how_many_layers_it_converted_when_some_stay_float(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny[0])
+    conv = model.transformer.h[0].mlp.c_fc  # transformers' Conv1D: y = x @ W + b, W of shape (in, out)
+    linear = torch.nn.Linear(*conv.weight.shape)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    model.transformer.h[0].mlp.c_fc = linear
+    assert ppl_sources.int8_label(model) == "torch dynamic int8 of 1 of 8 weight layers; 7 Conv1D stay float32"
+    quantized = ppl_sources.quantize_dynamic_int8(model)
+    assert type(quantized.transformer.h[0].mlp.c_fc).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert type(quantized.transformer.h[1].mlp.c_fc).__name__ == "Conv1D"
 
 
 # ---------------------------------------------------------------------------------------
