@@ -223,6 +223,8 @@ def run(args, ctx, held):
                     "dtype": str(next(model.parameters()).dtype), "windows": windows}
         if reference_name:  # a saved reference by what it holds, not where it lies
             manifest["reference"] = compare.identity() if args.reference_file else reference_name
+        if isinstance(compare, ModelReference):  # its weights decide the KL columns as the model's decide the rest
+            manifest["reference_files"] = content_digests(model_location(ref_id, ref_gguf), MODEL_FILE_SUFFIXES, recursive=False)
         held.callback(hold(args.docs_out, rank).release)  # a second run on the folder is refused while this one writes
         done, first_part = prepare(args.docs_out, manifest, resume=args.resume, rank=rank)  # every rank checks first
         barrier(ctx, timeout=args.timeout)

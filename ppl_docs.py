@@ -67,8 +67,8 @@ def hold(folder, rank=0):
 
 # A path or name is compared only where the content behind it is not known: the same corpus or
 # model under another path resumes. Content keys of folders written before they existed are skipped.
-_CONTENT_OF = {"corpus": "corpus_fingerprint", "model": "model_files"}
-_ADDED_LATER = {"corpus_files", "model_files"}
+_CONTENT_OF = {"corpus": "corpus_fingerprint", "model": "model_files", "reference": "reference_files"}
+_ADDED_LATER = {"corpus_files", "model_files", "reference_files"}
 
 
 def _changed_files(there, now):
@@ -91,8 +91,9 @@ def _differences(saved, manifest):
             continue  # the same content under another path or name
         if key == "corpus_fingerprint" and saved.get("corpus_files") and saved.get("corpus_files") != manifest.get("corpus_files"):
             differ.append(f"{key}: the corpus changed since the run began ({_changed_files(saved['corpus_files'], manifest.get('corpus_files') or {})})")
-        elif key == "model_files" and there and now:
-            differ.append(f"{key}: the model's files changed since the run began ({_changed_files(there, now)})")
+        elif key in ("model_files", "reference_files") and there and now:
+            whose = "model" if key == "model_files" else "reference model"
+            differ.append(f"{key}: the {whose}'s files changed since the run began ({_changed_files(there, now)})")
         else:
             differ.append(f"{key}: {there!r} there, {now!r} now")
     return differ
@@ -106,7 +107,7 @@ def prepare(folder, manifest, *, resume, rank=0):
         manifest: a JSON-able dict of what decides the numbers (corpus fingerprint, model,
             window settings); a resumed folder must have been written with the same.
         resume: continue a folder that holds parts; without it a non-empty folder is an error.
-        rank: this process's rank; rank 0 removes the parts a killed run left half written.
+        rank: this process's rank; rank 0 removes the parts (and manifest) a killed run left half written.
 
     Returns:
         (indices already scored, the first free part number).
@@ -120,6 +121,7 @@ def prepare(folder, manifest, *, resume, rank=0):
         raise ValueError(f"Expected --docs-out to be a folder, but {str(folder)!r} is a file.")
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
     if not entries or [p.name for p in entries] == [MANIFEST] and not resume:
+        _remove_half_written(folder, rank)
         return set(), 0  # nothing there, or a run that scored nothing (an empty corpus): nothing to lose
     if not resume:
         raise ValueError(f"The --docs-out folder {str(folder)!r} is not empty: pass --resume to continue that run, "
@@ -133,12 +135,17 @@ def prepare(folder, manifest, *, resume, rank=0):
     if differ:
         raise ValueError(f"Cannot resume {str(folder)!r}: it was written with other settings ({'; '.join(differ)}); "
                          "its rows would not pool with this run's. Give a new --docs-out folder to score afresh.")
-    if rank == 0:  # rank 0's lock is the whole run's: another run's other ranks never delete a part being written
-        for stale in folder.glob(".part-*.tmp"):  # a part a killed run was writing: never complete
-            stale.unlink(missing_ok=True)
+    _remove_half_written(folder, rank)
     parts = _parts(folder)
     done = set(read_rows(folder, columns=["index"])["index"].tolist()) if parts else set()
     return done, 1 + max((int(_PART.match(p.name).group(1)) for p in parts), default=-1)
+
+
+def _remove_half_written(folder, rank):
+    """The temporary files of a part or manifest that a killed run was writing: never complete."""
+    if rank == 0:  # rank 0's lock is the whole run's: another run's other ranks never delete a part being written
+        for stale in [*Path(folder).glob(".part-*.tmp"), *Path(folder).glob(f".{MANIFEST}.tmp*")]:
+            stale.unlink(missing_ok=True)
 
 
 def write_manifest(folder, manifest):

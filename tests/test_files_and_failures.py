@@ -404,6 +404,25 @@ def test_resume_refuses_new_weights_saved_into_the_same_folder(files, tiny, caps
     assert digest(tmp_path / "docs") == before
 
 
+def test_resume_refuses_new_weights_of_the_reference_model(files, capsys, tmp_path):
+    import shutil
+
+    from conftest import build_tiny_gpt2
+
+    reference = tmp_path / "ref"
+    shutil.copytree(files["model"], reference)
+    args = ["--model", str(files["model"]), "--reference-model", str(reference), "--device", "cpu", "--corpus",
+            str(files["corpus"]), "--quiet", "--docs-out", str(tmp_path / "docs")]
+    assert ppl_cli.main([*args, "--limit", "2"]) == 0
+    build_tiny_gpt2(seed=7).save_pretrained(reference)
+    before = digest(tmp_path / "docs")
+    capsys.readouterr()
+    assert ppl_cli.main([*args, "--limit", "4", "--resume"]) == 2
+    one_error_line(capsys.readouterr().err, r"reference_files: the reference model's files changed since the run began "
+                                            r"\(model\.safetensors changed\)")
+    assert digest(tmp_path / "docs") == before
+
+
 def test_resume_refuses_a_changed_file_of_a_folder_corpus_by_name(files, capsys, tmp_path):
     crawl = tmp_path / "crawl"
     crawl.mkdir()
