@@ -175,6 +175,8 @@ def run(args, ctx, held):
                              "torchrun), not on Ray.")
         from ppl_ray import run_cli
 
+        if args.docs_out:  # a second run into the same folder is refused while this one writes
+            held.callback(hold(args.docs_out).release)
         return run_cli(args, limit=limit, report=_report, write_outputs=_write_outputs)
     if args.resume and not args.docs_out:
         raise ValueError("--resume continues a --docs-out folder: give --docs-out DIR too.")

@@ -260,7 +260,7 @@ def run_cli(args, *, limit, report, write_outputs):
         raise ValueError(f"Expected --gpus-per-worker >= 0, but got {args.gpus_per_worker}.")
     files, kind = corpus_files(args.corpus)
     folder = Path(args.docs_out) if args.docs_out else None
-    if folder and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder and folder.exists() and (not folder.is_dir() or any(not p.name.startswith(".") for p in folder.iterdir())):
         raise ValueError(f"The --docs-out folder {str(folder)!r} must be new or empty for --engine ray "
                          "(nothing is overwritten).")
     scorer_kwargs = dict(model_id=args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype,

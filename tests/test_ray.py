@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, one_intra_op_thread
 from ppl_corpus import default_corpus
-from ppl_docs import pool_scores, read_rows
+from ppl_docs import hold, pool_scores, read_rows
 from ppl_ray import ACTOR_FAULT_TOLERANCE, SCORE_COLUMNS, DocumentScorer
 from ppl_runner import pool_rows, score_documents
 
@@ -238,3 +238,9 @@ def test_cli_engine_ray_reports_as_one_process(ray_cluster, tiny_dir, tmp_path, 
     assert rows.loc[rows["error"].notna(), "index"].tolist() == [10, 11]
     assert ppl_cli.main([*common, "--engine", "ray", "--docs-out", str(tmp_path / "ray")]) == 2
     assert "must be new or empty" in capsys.readouterr().err
+    lock = hold(tmp_path / "held")  # another run writing that folder
+    try:
+        assert ppl_cli.main([*common, "--engine", "ray", "--docs-out", str(tmp_path / "held")]) == 2
+        assert f"is being written by another run (pid {os.getpid()} on" in capsys.readouterr().err
+    finally:
+        lock.release()
