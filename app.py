@@ -17,12 +17,16 @@ Environment:
     PERPLEXITY_APP_QUEUE_SIZE   requests that may wait (default 64)
 """
 
+import contextlib
 import copy
+import functools
 import html
 import json
+import logging
 import math
 import os
 import re
+import reprlib
 import threading
 import weakref
 from pathlib import Path
@@ -54,6 +58,8 @@ ORIGINAL, BFLOAT16, INT8 = "float32 (original)", "bfloat16", "dynamic int8"
 VARIANTS = (ORIGINAL, BFLOAT16, INT8)
 DELTA_SCALE = 3.0  # nats of |Δ surprisal| at which a token's colour is at full strength
 DELTA_RED, DELTA_BLUE = (198, 40, 40), (21, 101, 192)
+
+log = logging.getLogger("perplexity_app")
 
 EXAMPLE_TEXT = (
     "Perplexity measures how well a language model predicts a text. It is the exponential of "
@@ -123,6 +129,56 @@ def read_card(path=ROOT / "README.md"):
 
 
 # ---------------------------------------------------------------------------------------
+# Refusals: a user's mistake, shown once as its message and logged as one line
+# ---------------------------------------------------------------------------------------
+
+
+class Refusal(gr.Error):
+    """A request the Space refuses. Its str() is the message itself (gr.Error's is quoted), and
+    Gradio prints no traceback for it: `refusals_logged` logs it as one line."""
+
+    def __init__(self, message):
+        super().__init__(message, print_exception=False)
+
+    def __str__(self):
+        return self.message
+
+
+@contextlib.contextmanager
+def library_errors():
+    """The library's ValueError/TypeError (a bad option, nothing to score) as a Refusal with its
+    message. A gr.Error passes as it is: it is a ValueError too, and wrapping it again would
+    show its quoted str()."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (ValueError, TypeError) as err:
+        raise Refusal(str(err)) from None
+
+
+def refusals_logged(handler):
+    """`handler` logging each gr.Error it raises as one warning line, without Gradio's traceback;
+    any other exception still gets one (a bug, not the user's mistake)."""
+
+    @functools.wraps(handler)  # Gradio reads the inputs from the signature
+    def logged(*args):
+        try:
+            return handler(*args)
+        except gr.Error as err:
+            log.warning("refused: %s", " ".join(str(err.message).split()))
+            err.print_exception = False
+            raise
+
+    return logged
+
+
+def _shown(value):
+    """A value from the request for a message, cut short (an API call may send a huge list)."""
+    return reprlib.repr(value)
+
+
+# ---------------------------------------------------------------------------------------
 # Models: the default is loaded once and shared; others only from the allow-list
 # ---------------------------------------------------------------------------------------
 
@@ -143,7 +199,7 @@ class Models:
         return [self.default_label, *self.allowed]
 
     def get(self, choice=None):
-        """(model, tokenizer) for a dropdown choice; gr.Error for anything not offered."""
+        """(model, tokenizer) for a dropdown choice; a Refusal for anything not offered."""
         if choice in (None, "", self.default_label):
             with self._lock:
                 if self._default is None:
@@ -151,12 +207,9 @@ class Models:
             return self._default
         if choice not in self.allowed or os.path.exists(choice):
             offered = ", ".join(repr(c) for c in self.choices)
-            raise gr.Error(f"Model {choice!r} is not offered by this Space; choose one of {offered}.")
-        with self._lock:  # one load at a time; load_model caches what it loaded
-            try:
-                return load_model(choice)
-            except ValueError as err:
-                raise gr.Error(str(err)) from None
+            raise Refusal(f"Model {_shown(choice)} is not offered by this Space; choose one of {offered}.")
+        with self._lock, library_errors():  # one load at a time; load_model caches what it loaded
+            return load_model(choice)
 
 
 def default_model_label():
@@ -185,18 +238,36 @@ def _optional_int(value, name, zero_is_none=False):
     except (TypeError, ValueError, OverflowError):  # text, NaN, infinity, a list
         whole = False
     if not whole:
-        raise gr.Error(f"Expected `{name}` to be a whole number, but got {value!r}.")
+        raise Refusal(f"Expected `{name}` to be a whole number, but got {_shown(value)}.")
     return int(number)
 
 
+def _flag(value, name, default):
+    """A checkbox's value: True or False (None: `default`); anything else is refused, not read as truthy."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise Refusal(f"Expected `{name}` to be true or false, but got {_shown(value)}.")
+    return value
+
+
 def check_text(text, max_chars):
-    if not isinstance(text, str) or not text.strip():
-        raise gr.Error("Enter a text to score (or upload a .txt file).")
+    """Refuse what is not a text to score: not a string, blank, too long, or not valid Unicode
+    (a lone surrogate, which the API's JSON can carry and the tokenizer rejects obscurely)."""
+    if text is not None and not isinstance(text, str):
+        raise Refusal(f"Enter a text to score: expected `text` to be a string, but got "
+                      f"{type(text).__name__} {_shown(text)}.")
+    if not text or not text.strip():
+        raise Refusal("Enter a text to score (or upload a .txt file).")
     if len(text) > max_chars:
-        raise gr.Error(
+        raise Refusal(
             f"The text has {len(text)} characters; this Space scores at most {max_chars}. "
             "Shorten it, or run the metric locally for long texts."
         )
+    surrogate = re.search("[\ud800-\udfff]", text)
+    if surrogate:
+        raise Refusal(f"The text is not valid Unicode: it holds a lone surrogate (U+{ord(surrogate.group()):04X}) "
+                      f"at character {surrogate.start()}.")
 
 
 def score_text(text, model, tokenizer, *, max_length=None, stride=None, add_start_token=True):
@@ -273,7 +344,7 @@ def check_work(text, model, tokenizer, max_length, stride, add_start_token):
     num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + (settings["start_token_id"] is not None)
     work = sum(stop - start for start, stop, _ in plan_windows(num_tokens, settings["max_length"], settings["stride"]))
     if work > MAX_WORK_FACTOR * num_tokens:
-        raise gr.Error(
+        raise Refusal(
             f"`stride` {settings['stride']} with `max_length` {settings['max_length']} would run {work} tokens through the "
             f"model for a text of {num_tokens}; this Space allows {MAX_WORK_FACTOR}x: raise `stride`."
         )
@@ -284,14 +355,12 @@ def compute_text(models, text, choice=None, max_length=None, stride=None, add_st
     check_text(text, max_chars)
     max_length = _optional_int(max_length, "max_length", zero_is_none=True)
     stride = _optional_int(stride, "stride", zero_is_none=True)
+    add_start_token = _flag(add_start_token, "add_start_token", True)
     model, tokenizer = models.get(choice)
-    try:
-        check_work(text, model, tokenizer, max_length, stride, bool(add_start_token))
-        result, tokens = score_text(
-            text, model, tokenizer, max_length=max_length, stride=stride, add_start_token=bool(add_start_token)
-        )
-    except (ValueError, TypeError) as err:
-        raise gr.Error(str(err)) from None
+    with library_errors():
+        check_work(text, model, tokenizer, max_length, stride, add_start_token)
+        result, tokens = score_text(text, model, tokenizer, max_length=max_length, stride=stride,
+                                    add_start_token=add_start_token)
     return summary_markdown(result), highlighted_tokens(tokens), nll_frame(tokens), result
 
 
@@ -308,7 +377,7 @@ def model_variant(model, variant):
     (`ppl_sources.quantize_dynamic_int8`); each copy is built once per process and model."""
     if variant not in VARIANTS:
         offered = ", ".join(repr(v) for v in VARIANTS)
-        raise gr.Error(f"Variant {variant!r} is not offered by this Space; choose one of {offered}.")
+        raise Refusal(f"Variant {_shown(variant)} is not offered by this Space; choose one of {offered}.")
     if variant == ORIGINAL:
         return model
     with _variants_lock:  # one build at a time; a second request for it waits and reuses it
@@ -318,7 +387,7 @@ def model_variant(model, variant):
                 built[variant] = (copy.deepcopy(model).to(torch.bfloat16).eval() if variant == BFLOAT16
                                   else quantize_dynamic_int8(model))
             except ValueError as err:  # e.g. int8 of a model that is not float32 on the CPU
-                raise gr.Error(f"Could not build the {variant} variant: {err}") from None
+                raise Refusal(f"Could not build the {variant} variant: {err}") from None
         return built[variant]
 
 
@@ -420,11 +489,9 @@ def compute_compare(models, text, variant=INT8, reference=ORIGINAL, max_length=N
     stride = _optional_int(stride, "stride", zero_is_none=True)
     base, tokenizer = models.get(None)
     model, reference_model = model_variant(base, variant), model_variant(base, reference)
-    try:
+    with library_errors():
         check_work(text, base, tokenizer, max_length, stride, True)
         result, tokens = compare_text(text, model, tokenizer, reference_model, max_length=max_length, stride=stride)
-    except (ValueError, TypeError) as err:
-        raise gr.Error(str(err)) from None
     return compare_markdown(result, variant, reference), compare_html(tokens), kl_frame(tokens), result, tokens
 
 
@@ -432,13 +499,16 @@ def parse_logprobs(payload, max_chars=DEFAULT_MAX_JSON_CHARS):
     """`{"predictions": [...], "references": [...]}` from JSON text (or an already parsed dict)."""
     if isinstance(payload, str):
         if len(payload) > max_chars:
-            raise gr.Error(f"The JSON has {len(payload)} characters; this Space takes at most {max_chars}.")
+            raise Refusal(f"The JSON has {len(payload)} characters; this Space takes at most {max_chars}.")
         try:
             payload = json.loads(payload)
         except json.JSONDecodeError as err:
-            raise gr.Error(f"The input is not valid JSON: {err}.") from None
+            raise Refusal(f"The input is not valid JSON: {err}.") from None
+        except RecursionError:  # json.loads recurses once per level of nesting
+            raise Refusal("The JSON is nested too deeply to read: expected lists of numbers, "
+                          "one list (or one [seq_len, vocab_size] list of lists) per example.") from None
     if not isinstance(payload, dict) or not {"predictions", "references"} <= set(payload):
-        raise gr.Error('Expected a JSON object {"predictions": [[log-probs of example 1], ...], "references": [[target ids of example 1], ...]}.')
+        raise Refusal('Expected a JSON object {"predictions": [[log-probs of example 1], ...], "references": [[target ids of example 1], ...]}.')
     return payload["predictions"], payload["references"]
 
 
@@ -450,11 +520,9 @@ def compute_logprobs(payload, ignore_index=-100, *, max_chars=DEFAULT_MAX_JSON_C
     """
     predictions, references = parse_logprobs(payload, max_chars)
     ignore_index = _optional_int(ignore_index, "ignore_index")
-    try:
+    with library_errors():
         metric = PerplexityMetric(ignore_index=ignore_index, keep_in_memory=True)
         result = metric.compute(predictions=predictions, references=references)
-    except (ValueError, TypeError) as err:
-        raise gr.Error(str(err)) from None
     interval = result["perplexity_ci"]
     spread = f"95% bootstrap interval over examples [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "one example: no interval"
     summary = (
@@ -472,11 +540,11 @@ def read_upload(path, max_chars=DEFAULT_MAX_CHARS):
         return gr.skip()
     path = Path(path)
     if path.stat().st_size > 4 * max_chars:  # UTF-8 takes at most 4 bytes a character
-        raise gr.Error(f"The file is larger than this Space's limit of {max_chars} characters.")
+        raise Refusal(f"The file is larger than this Space's limit of {max_chars} characters.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise gr.Error("The file is not UTF-8 text.") from None
+        raise Refusal("The file is not UTF-8 text.") from None
     check_text(text, max_chars)
     return text
 
@@ -484,6 +552,16 @@ def read_upload(path, max_chars=DEFAULT_MAX_CHARS):
 # ---------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------
+
+
+def on_click(button, handler, inputs, outputs, api_name):
+    """`button` runs `handler` on the raw values (preprocess=False: the handlers check each field and
+    name it, where Gradio's preprocessing would turn a text 5 into "5", round max_length 8.5 to 8 and
+    answer max_length "abc" with its generic "upstream app raised an exception"). A failed run
+    empties `outputs`: the last result left beside the error would read as the new answer."""
+    event = button.click(handler, inputs, outputs, api_name=api_name, preprocess=False)
+    event.failure(lambda: [None] * len(outputs), None, outputs, api_visibility="private", queue=False,
+                  show_progress="hidden")
 
 
 def window_fields():
@@ -517,15 +595,19 @@ def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_j
     queue_size = queue_size or _env_int("PERPLEXITY_APP_QUEUE_SIZE", DEFAULT_QUEUE_SIZE)
     card = read_card() if card is None else card
 
+    @refusals_logged
     def on_text(text, choice, max_length, stride, add_start_token):
         return compute_text(registry, text, choice, max_length, stride, add_start_token, max_chars=max_chars)
 
+    @refusals_logged
     def on_logprobs(payload, ignore_index):
         return compute_logprobs(payload, ignore_index, max_chars=max_json_chars)
 
+    @refusals_logged
     def on_upload(path):
         return read_upload(path, max_chars)
 
+    @refusals_logged
     def on_compare(text, variant, reference, max_length, stride):
         return compute_compare(registry, text, variant, reference, max_length, stride, max_chars=max_chars)
 
@@ -604,16 +686,18 @@ def build_demo(model=None, tokenizer=None, *, models=None, max_chars=None, max_j
                 with gr.Tab("Metric card"):
                     gr.Markdown(card)
 
-        button.click(on_text, [text, choice, max_length, stride, add_start], [summary, tokens, plot, text_result],
-                     api_name="compute_text")
+        on_click(button, on_text, [text, choice, max_length, stride, add_start], [summary, tokens, plot, text_result],
+                 "compute_text")
+        # preprocessed: Gradio hands over only a path in its own upload folder
         upload.upload(on_upload, upload, text, api_name="read_file")
-        lp_button.click(on_logprobs, [payload, ignore_index], [lp_summary, lp_result], api_name="compute_logprobs")
-        cmp_button.click(on_compare, [cmp_text, cmp_variant, cmp_reference, cmp_max_length, cmp_stride],
-                         [cmp_summary, cmp_tokens, cmp_plot, cmp_result, cmp_token_values], api_name="compare")
+        on_click(lp_button, on_logprobs, [payload, ignore_index], [lp_summary, lp_result], "compute_logprobs")
+        on_click(cmp_button, on_compare, [cmp_text, cmp_variant, cmp_reference, cmp_max_length, cmp_stride],
+                 [cmp_summary, cmp_tokens, cmp_plot, cmp_result, cmp_token_values], "compare")
 
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     return demo
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # refusals: one line each
     build_demo().launch()

@@ -94,6 +94,29 @@ def test_compute_text_refusals(tiny):
         app.compute_text(models, TEXT, None, 8, 9)
 
 
+WORK_TEXT = "word " * 59  # stride 1 with max_length 64 on it: refused by check_work, a Refusal in the library call
+WORK_REFUSAL = ("`stride` 1 with `max_length` 64 would run 3520 tokens through the model for a text of 119; this Space "
+                "allows 8x: raise `stride`.")
+SURROGATE_REFUSAL = "The text is not valid Unicode: it holds a lone surrogate (U+D800) at character 4."
+
+
+def test_refusals_pass_unwrapped_without_quotes(tiny):
+    """gr.Error is a ValueError: the handlers' `except ValueError` once wrapped it again, and
+    the message arrived inside quotes (gr.Error's str() is its repr)."""
+    models = app.Models(*tiny)
+    calls = [lambda: app.compute_text(models, WORK_TEXT, None, 64, 1),
+             lambda: app.compute_compare(models, WORK_TEXT, app.BFLOAT16, app.ORIGINAL, 64, 1)]
+    for call in calls:
+        with pytest.raises(app.Refusal) as refused:
+            call()
+        assert str(refused.value) == refused.value.message == WORK_REFUSAL
+        assert refused.value.print_exception is False  # Gradio prints no traceback for it
+    for call in [lambda text: app.compute_text(models, text), lambda text: app.compute_compare(models, text, app.BFLOAT16)]:
+        with pytest.raises(app.Refusal) as refused:  # not the tokenizer's "TextEncodeInput must be Union[...]"
+            call("abc \ud800 def")
+        assert str(refused.value) == SURROGATE_REFUSAL
+
+
 def test_models_allow_list(tiny, tmp_path, monkeypatch):
     loaded = []
     monkeypatch.setattr(app, "load_model", lambda model_id=None, **kw: loaded.append(model_id) or tiny)
@@ -306,6 +329,103 @@ def test_server_refusals_and_logprobs(tiny_server, logprobs_metric, tmp_path):
     assert client.predict(handle_file(str(upload)), api_name="/read_file") == "Uploaded text, ünïcode."
 
 
+GENERIC = "The upstream Gradio app has raised an exception"  # what any exception but a gr.Error becomes
+LOGPROBS = '{"predictions": [[-1.0]], "references": [[1]]}'
+JSON_SHAPE = ('Expected a JSON object {"predictions": [[log-probs of example 1], ...], "references": [[target ids of '
+              'example 1], ...]}.')
+NUMBER_REFUSALS = [(field, value, f"Expected `{field}` to be a whole number, but got {shown}.")
+                   for field in ("max_length", "stride") for value, shown in [("abc", "'abc'"), ([1], "[1]"), (8.5, "8.5")]]
+MALFORMED = [  # (api_name, arguments, the exact message); Gradio's preprocessing would round 8.5 and score the text 5
+    *[("/compute_text", (TEXT, None, value, 0, True) if field == "max_length" else (TEXT, None, 0, value, True), message)
+      for field, value, message in NUMBER_REFUSALS],
+    *[("/compare", (TEXT, app.BFLOAT16, app.ORIGINAL, value, 0) if field == "max_length" else
+       (TEXT, app.BFLOAT16, app.ORIGINAL, 0, value), message) for field, value, message in NUMBER_REFUSALS],
+    ("/compute_text", (5, None, 0, 0, True), "Enter a text to score: expected `text` to be a string, but got int 5."),
+    ("/compute_text", (["a", "b"], None, 0, 0, True),
+     "Enter a text to score: expected `text` to be a string, but got list ['a', 'b']."),
+    ("/compute_text", (None, None, 0, 0, True), "Enter a text to score (or upload a .txt file)."),
+    ("/compute_text", (TEXT, None, 0, 0, "no"), "Expected `add_start_token` to be true or false, but got 'no'."),
+    ("/compute_text", (TEXT, ["x"], 0, 0, True), "Model ['x'] is not offered by this Space; choose one of "
+                                                 "'GPT2LMHeadModel (default)', 'owner/listed'."),
+    ("/compute_text", (WORK_TEXT, None, 64, 1, True), WORK_REFUSAL),
+    ("/compare", (WORK_TEXT, app.BFLOAT16, app.ORIGINAL, 64, 1), WORK_REFUSAL),
+    ("/compare", (TEXT, 3, app.ORIGINAL, 0, 0), "Variant 3 is not offered by this Space; choose one of "
+                                                "'float32 (original)', 'bfloat16', 'dynamic int8'."),
+    ("/compare", ({"text": "abc"}, app.BFLOAT16, app.ORIGINAL, 0, 0),
+     "Enter a text to score: expected `text` to be a string, but got dict {'text': 'abc'}."),
+    ("/compute_text", (list(range(100)), None, 0, 0, True),  # a long value cut short in the message
+     "Enter a text to score: expected `text` to be a string, but got list [0, 1, 2, 3, 4, 5, ...]."),
+    ("/compute_logprobs", ("[" * 100_000 + "]" * 100_000, -100),  # RecursionError inside json.loads
+     "The JSON is nested too deeply to read: expected lists of numbers, one list (or one [seq_len, vocab_size] list of "
+     "lists) per example."),
+    ("/compute_logprobs", (5, -100), JSON_SHAPE),
+    ("/compute_logprobs", (LOGPROBS, "abc"), "Expected `ignore_index` to be a whole number, but got 'abc'."),
+    ("/compute_logprobs", (LOGPROBS, [1]), "Expected `ignore_index` to be a whole number, but got [1]."),
+]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    from gradio_client import Client
+
+    return Client(tiny_server[1], verbose=False)
+
+
+@pytest.mark.parametrize("api_name, arguments, message", MALFORMED, ids=[f"{a}-{i}" for i, (a, *_) in enumerate(MALFORMED)])
+def test_server_malformed_call_gets_its_message(client, api_name, arguments, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as refused:
+        client.predict(*arguments, api_name=api_name)
+    assert str(refused.value) == message  # once, no quotes, not Gradio's generic message
+
+
+def post_call(url, api_name, body):
+    """A raw call to the HTTP API (POST, then the event's stream): the events' text, or the HTTP error."""
+    import urllib.error
+
+    request = urllib.request.Request(f"{url}gradio_api/call{api_name}", body.encode(), {"Content-Type": "application/json"})
+    try:
+        event = json.load(urllib.request.urlopen(request, timeout=30))["event_id"]
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code}: {err.read().decode()}"
+    return urllib.request.urlopen(f"{url}gradio_api/call{api_name}/{event}", timeout=30).read().decode()
+
+
+def test_server_raw_http_calls(tiny_server):
+    """A lone surrogate cannot leave gradio_client (it encodes to UTF-8 first) but arrives in JSON
+    as "\\ud800"; a body nested too deeply to parse is the HTTP layer's 400, before any handler."""
+    _, url = tiny_server
+    for api_name, rest in [("/compute_text", "null, 0, 0, true"), ("/compare", f'"{app.BFLOAT16}", "{app.ORIGINAL}", 0, 0')]:
+        answer = post_call(url, api_name, '{"data": ["abc \\ud800 def", %s]}' % rest)
+        assert answer.startswith("event: error\n")
+        assert json.loads(answer.split("data: ", 1)[1])["error"] == SURROGATE_REFUSAL
+    deep = "[" * 5000 + "]" * 5000
+    answer = post_call(url, "/compute_logprobs", '{"data": [{"predictions": %s, "references": [[1]]}, -100]}' % deep)
+    assert answer == 'HTTP 400: {"detail":"There was an error parsing the body"}'
+
+
+def test_server_logs_a_refusal_as_one_line_and_a_bug_with_its_traceback(tiny_server, client, caplog, capfd, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    capfd.readouterr()
+    with caplog.at_level("WARNING", logger="perplexity_app"), pytest.raises(AppError):
+        client.predict(WORK_TEXT, None, 64, 1, True, api_name="/compute_text")
+    assert [(r.getMessage(), r.exc_info) for r in caplog.records] == [(f"refused: {WORK_REFUSAL}", None)]
+    assert "Traceback" not in capfd.readouterr().err  # Gradio prints none for it
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the scorer")
+
+    monkeypatch.setattr(app, "score_text", broken)
+    caplog.clear()
+    with pytest.raises(AppError, match=GENERIC):  # a bug's details stay in the server log
+        client.predict(TEXT, None, 0, 0, True, api_name="/compute_text")
+    err = capfd.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: a bug in the scorer" in err
+    assert caplog.records == []  # not logged as the user's mistake
+
+
 def test_server_compare(tiny_server, tiny):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
@@ -332,8 +452,10 @@ def test_server_compare(tiny_server, tiny):
 def served_app(tmp_path_factory):
     """`python app.py` as a Space runs it, configured through the environment only. No
     GRADIO_SERVER_PORT: Gradio binds the first free port from 7860 itself (moving on when another
-    process holds one) and prints the address, which is read from its output."""
-    log = (tmp_path_factory.mktemp("served_app") / "output.log").open("w+")
+    process holds one) and prints the address, which is read from its output. Yields (url, the
+    path of its output: stdout and stderr, the server's log)."""
+    log_path = tmp_path_factory.mktemp("served_app") / "output.log"
+    log = log_path.open("w+")
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_SERVER_PORT"}
     env.update(GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False",
                PERPLEXITY_APP_MAX_CHARS="400", PERPLEXITY_APP_MODELS="owner/listed")
@@ -356,7 +478,7 @@ def served_app(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"python app.py did not serve within 180 s: {output[-2000:]}")
             time.sleep(0.5)
-        yield url + "/"
+        yield url + "/", log_path
     finally:
         process.terminate()
         try:
@@ -371,7 +493,8 @@ def test_python_app_py_serves_embedded_model(served_app, smol, text_metric):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    client = Client(served_app, verbose=False)
+    url, log = served_app
+    client = Client(url, verbose=False)
     text = "Paris is the capital of France."
     *_, result = client.predict(text, None, 0, 0, True, api_name="/compute_text")
     expected = text_metric.compute(predictions=[text], model=smol[0], tokenizer=smol[1])
@@ -379,24 +502,34 @@ def test_python_app_py_serves_embedded_model(served_app, smol, text_metric):
     assert math.isclose(result["perplexity"], expected["perplexity"], rel_tol=AUTO_VS_CPU_REL)  # another process, same weights
     with pytest.raises(AppError, match="scores at most 400"):  # PERPLEXITY_APP_MAX_CHARS
         client.predict("z" * 401, None, 0, 0, True, api_name="/compute_text")
+    # the user's mistake is one line of the server's log (logged before the answer leaves), no traceback
+    refused = ("The text has 401 characters; this Space scores at most 400. Shorten it, or run the metric locally "
+               "for long texts.")
+    assert re.search(rf"^\S+ \S+ WARNING perplexity_app: refused: {re.escape(refused)}\n(?!\s)", log.read_text(), re.M)
+    assert "Traceback" not in log.read_text()
     choices = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/compute_text"]
     assert "owner/listed" in json.dumps(choices)  # PERPLEXITY_APP_MODELS
 
 
 @pytest.mark.slow
 def test_browser_computes_perplexity(served_app, smol, text_metric):
+    """A result, then a refusal: its message once in the toast, unquoted, and the result cleared
+    (left beside the error, it read as the new answer); the same on the log-probabilities tab."""
     if not CHROMIUM.is_file():
         pytest.fail("/usr/bin/chromium is absent: install Debian's package `chromium` (`make browser`, or as root "
                     "`apt-get install chromium`); playwright cannot download its own browser here")
     from playwright.sync_api import sync_playwright
 
+    url, log = served_app
     text = "The cat sat on the mat, and the dog slept by the fire."
     expected = text_metric.compute(predictions=[text], model=smol[0], tokenizer=smol[1])
+    with pytest.raises(app.Refusal) as too_much_work:  # a refusal that the handler once wrapped again, quoted
+        app.check_work("word " * 79, *smol, max_length=64, stride=1, add_start_token=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(served_app)
+            page.goto(url)
             page.get_by_role("textbox").first.fill(text)
             page.get_by_role("button", name="Compute", exact=True).click()
             headline = page.locator("#text-summary h3")
@@ -408,11 +541,35 @@ def test_browser_computes_perplexity(served_app, smol, text_metric):
             assert str(expected["num_tokens"]) in summary and f"{expected['bits_per_byte']:.4f}" in summary
             assert page.locator("#text-tokens").get_by_text("< 1 nat").count() >= 1  # the surprisal legend
 
+            page.get_by_role("textbox").first.fill("word " * 79)
+            page.get_by_role("spinbutton", name="max_length").first.fill("64")
+            page.get_by_role("spinbutton", name="stride").first.fill("1")
+            page.get_by_role("button", name="Compute", exact=True).click()
+            toast = page.get_by_text("raise `stride`")
+            toast.first.wait_for(timeout=30_000)
+            assert toast.all_inner_texts() == [too_much_work.value.message]  # once, without quotes
+            headline.wait_for(state="detached", timeout=10_000)  # the last result is cleared
+            assert page.locator("#text-summary").inner_text().strip() == ""
+            assert page.locator("#text-tokens").get_by_text("< 1 nat").count() == 0
+            assert f"Perplexity {expected['perplexity']:.4f}" not in page.locator("body").inner_text()
+
             page.get_by_role("textbox").first.fill("w" * 401)  # over the limit: a clear message
             page.get_by_role("button", name="Compute", exact=True).click()
             page.get_by_text("this Space scores at most 400").first.wait_for(timeout=30_000)
+
+            page.get_by_role("tab", name="Log-probabilities").click()
+            page.get_by_role("button", name="Compute metric").click()
+            lp_headline = page.locator("#logprobs-summary h3")
+            lp_headline.wait_for(timeout=30_000)
+            page.locator(".cm-content").fill(  # the JSON editor
+                '{"predictions": [[0.5]], "references": [[1]]}')
+            page.get_by_role("button", name="Compute metric").click()
+            page.get_by_text("Expected log-probabilities <= 0").first.wait_for(timeout=30_000)
+            lp_headline.wait_for(state="detached", timeout=10_000)
         finally:
             browser.close()
+    shown = log.read_text()
+    assert f"WARNING perplexity_app: refused: {too_much_work.value.message}\n" in shown and "Traceback" not in shown
 
 
 @pytest.mark.slow
@@ -434,7 +591,7 @@ def test_browser_compares_int8_with_original(served_app, smol):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(served_app)
+            page.goto(served_app[0])  # (url, log)
             page.get_by_role("tab", name="Compare").click()
             page.locator("#compare-input textarea").fill(text)
             page.get_by_role("button", name="Run comparison").click()
@@ -460,6 +617,12 @@ def test_browser_compares_int8_with_original(served_app, smol):
             colour = spans.nth(worst).evaluate("el => getComputedStyle(el).backgroundColor")
             assert colour.startswith("rgba(198, 40, 40" if deltas[worst] > 0 else "rgba(21, 101, 192"), colour
             page.locator("#compare-kl-plot canvas, #compare-kl-plot svg").first.wait_for(timeout=30_000)
+
+            page.locator("#compare-input textarea").fill("  ")  # refused: the comparison above is cleared
+            page.get_by_role("button", name="Run comparison").click()
+            page.get_by_text("Enter a text to score").first.wait_for(timeout=30_000)
+            headline.wait_for(state="detached", timeout=10_000)
+            assert spans.count() == 0
         finally:
             browser.close()
 
