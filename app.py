@@ -38,6 +38,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from perplexity_metric import PerplexityMetric
 from ppl_compare import ModelReference
+from ppl_inputs import problem
 from ppl_runner import plan_windows, pool_rows, pool_texts, resolve_settings, score_texts, text_rows
 from ppl_sources import DEFAULT_MODEL, load_model, model_name, quantize_dynamic_int8
 from ppl_tokens import token_spans
@@ -252,22 +253,22 @@ def _flag(value, name, default):
 
 
 def check_text(text, max_chars):
-    """Refuse what is not a text to score: not a string, blank, too long, or not valid Unicode
-    (a lone surrogate, which the API's JSON can carry and the tokenizer rejects obscurely)."""
+    """Refuse what is not a text to score, by the rule every route follows (`ppl_inputs.problem`):
+    not a string, blank, or not valid Unicode (a lone surrogate, which the API's JSON can carry);
+    and a text too long for this Space."""
     if text is not None and not isinstance(text, str):
         raise Refusal(f"Enter a text to score: expected `text` to be a string, but got "
                       f"{type(text).__name__} {_shown(text)}.")
-    if not text or not text.strip():
-        raise Refusal("Enter a text to score (or upload a .txt file).")
-    if len(text) > max_chars:
+    if len(text or "") > max_chars:
         raise Refusal(
             f"The text has {len(text)} characters; this Space scores at most {max_chars}. "
             "Shorten it, or run the metric locally for long texts."
         )
-    surrogate = re.search("[\ud800-\udfff]", text)
-    if surrogate:
-        raise Refusal(f"The text is not valid Unicode: it holds a lone surrogate (U+{ord(surrogate.group()):04X}) "
-                      f"at character {surrogate.start()}.")
+    found = problem(text)
+    if found is not None and found.empty:
+        raise Refusal("Enter a text to score (or upload a .txt file).")
+    if found is not None:
+        raise Refusal(str(found.error("the text")))
 
 
 def score_text(text, model, tokenizer, *, max_length=None, stride=None, add_start_token=True):

@@ -16,6 +16,7 @@ from the environment) rank 0 prints the report and writes the outputs.
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ from ppl_dist import DEFAULT_TIMEOUT, DistributedScoringError, barrier, distribu
 from ppl_docs import PartWriter, hold, prepare, read_rows, write_manifest
 from ppl_outputs import atomic_write_text, card_file, check_outputs
 from ppl_compare import ModelReference, SavedReference
+from ppl_inputs import BAD_ROWS, SKIPPED
 from ppl_runner import pool_rows, resolve_settings, save_reference, score_documents
 from ppl_sources import MODEL_FILE_SUFFIXES, int8_label, load_model, model_location, model_name, quantize_dynamic_int8
 from ppl_tokens import TOKEN_COLUMNS, WORD_COLUMNS, TableWriter, document_token_rows, word_rows
@@ -71,6 +73,9 @@ def parse_args(argv=None):
     data.add_argument("--id-field", help="column or key carried to --docs-out as `id` (default: the document's index)")
     data.add_argument("--split", default="test", help="split of a datasets corpus (default: test)")
     data.add_argument("--dataset-config", help="configuration of a datasets corpus")
+    data.add_argument("--bad-rows", choices=BAD_ROWS, default="flag",
+                      help="a row that cannot be scored (not a string, not valid Unicode, no token to score): flag it in "
+                           "the `error` column and go on (default), or fail the run naming it; empty rows are skipped")
     data.add_argument("--limit", type=int, help=f"read only the first N documents (default: {DEFAULT_LIMIT} "
                                                 "for the default corpus, all otherwise; 0 = all)")
     run = parser.add_argument_group("scoring")
@@ -233,14 +238,12 @@ def run(args, ctx, held):
         if rank == 0:
             write_manifest(args.docs_out, manifest)
 
-    counts = {"empty": 0, "resumed": 0}
+    counts = {"resumed": 0}
 
-    def todo():  # this rank's documents that still need scoring
+    def todo():  # this rank's documents that still need scoring (the scorer skips or flags what it cannot score)
         for doc in iter_documents(**corpus, limit=limit, rank=rank, world_size=world_size):
             if doc.index in done:
                 counts["resumed"] += 1
-            elif doc.text is None or (isinstance(doc.text, str) and not doc.text.strip()):
-                counts["empty"] += 1
             else:
                 yield doc
 
@@ -255,7 +258,7 @@ def run(args, ctx, held):
         for kind, (path, columns) in surprisal_paths.items():
             surprisal[kind] = TableWriter(path, columns, replace=args.force)
         for part in score_documents(model, tokenizer, todo(), progress=not args.quiet and rank == 0,
-                                    keep_logprobs=bool(surprisal), **options):
+                                    keep_logprobs=bool(surprisal), bad_rows=args.bad_rows, **options):
             if surprisal:
                 _write_surprisal(surprisal, tokenizer, part)
             if not args.docs_out:  # with --docs-out the rows are on disk, however large the corpus
@@ -283,16 +286,19 @@ def run(args, ctx, held):
         rows = [row for row in read_rows(args.docs_out).to_dict("records") if not limit or row["index"] < limit]
     else:
         rows = [row for other in gathered for row in other["rows"]]
+    rows, skipped, flagged = split_rows(rows)
     if not rows:
-        raise ValueError(f"The corpus {args.corpus!r} holds no text" + (f" in its first {limit} documents." if limit else "."))
+        raise ValueError(f"The corpus {args.corpus!r} holds no text" + (f" in its first {limit} documents" if limit else "")
+                         + (f" that could be scored ({sum(flagged.values())} row(s) flagged)." if flagged else "."))
     result = pool_rows(rows, bootstrap_resamples=args.bootstrap_resamples)
     seconds = time.perf_counter() - started
     result.update(model=name, corpus=args.corpus, seconds=seconds, dtype=str(next(model.parameters()).dtype),
                   device=str(next(model.parameters()).device), settings=settings, processes=world_size,
-                  docs_out=args.docs_out, skipped_empty=sum(o["counts"]["empty"] for o in gathered))
+                  docs_out=args.docs_out, skipped_empty=skipped, flagged_rows=sum(flagged.values()))
     if reference_name:
         result["reference"] = reference_name
     _report(args, result, gathered, limit=limit, name=name, windows=windows, seconds=seconds, world_size=world_size)
+    report_flagged(flagged)
     if args.docs_out:  # one per document: they are in the folder, however large the corpus
         del result["perplexities"]
         result.pop("reference_perplexities", None)
@@ -406,6 +412,8 @@ def _check_outputs(args, surprisal_paths, rank):
 def _write_surprisal(writers, tokenizer, rows):
     """Token and word rows of scored documents; the texts and log-probs leave the rows after."""
     for row in rows:
+        if "error" in row:  # empty or flagged: no tokens
+            continue
         tokens = document_token_rows(tokenizer, row)
         if "tokens" in writers:
             writers["tokens"].write(tokens)
@@ -414,11 +422,33 @@ def _write_surprisal(writers, tokenizer, rows):
         del row["text"], row["logprobs"]
 
 
+def split_rows(rows):
+    """(the scored rows, how many were skipped as empty, {error: rows} of the flagged ones)."""
+    scored, skipped, flagged = [], 0, collections.Counter()
+    for row in rows:
+        error = row.get("error")
+        if error is None or error != error:  # NaN: a scored row read back from a folder
+            scored.append(row)
+        elif error in SKIPPED:
+            skipped += 1
+        else:
+            flagged[error.split(":")[0]] += 1
+    return scored, skipped, dict(flagged)
+
+
+def report_flagged(flagged):
+    if flagged:
+        print(f"ppl_cli: {sum(flagged.values())} row(s) could not be scored and are flagged in their `error` column: "
+              + "; ".join(f"{n} x {message}" for message, n in sorted(flagged.items())), file=sys.stderr)
+
+
 def _report(args, result, gathered, *, limit, name, windows, seconds, world_size):
-    empty = sum(o["counts"]["empty"] for o in gathered)
+    empty = result.get("skipped_empty", 0)
     resumed = sum(o["counts"]["resumed"] for o in gathered)
     corpus_name = f"{args.corpus}" + (f" (first {limit} documents)" if limit else "")
     notes = [("Skipped", f"{empty:,} empty documents")] if empty else []
+    if result.get("flagged_rows"):
+        notes.append(("Flagged", f"{result['flagged_rows']:,} rows that could not be scored (their `error` column)"))
     if args.docs_out:
         notes.append(("Per document", f"{args.docs_out}" + (f"   ({resumed:,} scored by an earlier run)" if resumed else "")))
     if world_size > 1:

@@ -121,15 +121,34 @@ def iter_documents(source=None, *, text_field="text", id_field=None, split="test
     return _select(((None, text) for text in _text_file_documents(path)), limit, rank, world_size, path=path)
 
 
-def _select(rows, limit, rank, world_size, path=None):
+def document_id(index, doc_id):
+    """A document's id: its `--id-field` value as a string, else its index in the corpus."""
+    return str(index) if doc_id is None else str(doc_id)
+
+
+def file_rows(path, *, text_field="text", id_field=None):
+    """`(id or None, text)` of each document of one corpus file (not Parquet), read as
+    `iter_documents` reads it but not yet numbered: Ray's read stage, which numbers the rows of
+    many files in corpus order. Texts come as they are; the scorer decides what it can score."""
+    path = Path(path)
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
+    suffix = path.suffix.lower()
+    rows = readers[suffix](path, text_field, id_field) if suffix in readers else (
+        (None, text) for text in _text_file_documents(path))
+    for doc in _select(rows, None, 0, 1, path=path, number=False):
+        yield doc.id, doc.text
+
+
+def _select(rows, limit, rank, world_size, path=None, number=True):
     """Number `(id, text)` rows, stop at `limit`, keep this rank's share. Rows are parsed lazily:
-    a row that is a callable is called only when it is this rank's."""
+    a row that is a callable is called only when it is this rank's. `number=False` keeps a
+    missing id as None (`file_rows`)."""
     try:
         for index, (doc_id, text) in enumerate(itertools.islice(rows, limit)):
             if index % world_size == rank:
                 if callable(text):  # JSON Lines: parse only our own lines
                     doc_id, text = text()
-                yield Document(index, str(index) if doc_id is None else str(doc_id), text)
+                yield Document(index, document_id(index, doc_id) if number else doc_id, text)
     except (ValueError, csv.Error, OSError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         if str(err).startswith(("Could not read corpus", "Could not load corpus", "The data set")):
             raise
@@ -196,14 +215,15 @@ def _paragraphs(lines):
 
 
 def _json_row(row, text_field, id_field, i):
-    """(id, text) of one JSON item: a string, or an object with a string `text_field`."""
-    if isinstance(row, str) and id_field is None:
+    """(id, text) of one JSON item: a string, or an object with `text_field`. A text that is
+    missing or not a string is the scorer's to skip or flag (`ppl_inputs.problem`), as on Ray."""
+    if not isinstance(row, dict):
+        if id_field is not None:
+            raise ValueError(f"item {i} is not an object with the field {id_field!r} (the --id-field)")
         return None, row
-    if not (isinstance(row, dict) and isinstance(row.get(text_field), str)):
-        raise ValueError(f"item {i} has no string field {text_field!r}")
     if id_field is not None and id_field not in row:
         raise ValueError(f"item {i} has no field {id_field!r} (the --id-field)")
-    return (row[id_field] if id_field else None), row[text_field]
+    return (row[id_field] if id_field else None), row.get(text_field)
 
 
 def _jsonl_rows(path, text_field, id_field):
@@ -265,7 +285,7 @@ def _parquet_documents(path, text_field, id_field, limit, rank, world_size):
                 index = first + k
                 if limit is not None and index >= limit:
                     return
-                yield Document(index, str(index) if doc_id is None else str(doc_id), text)
+                yield Document(index, document_id(index, doc_id), text)
         first += rows
 
 

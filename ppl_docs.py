@@ -2,8 +2,9 @@
 killed run resumes and `pandas.read_parquet(folder)` reads whole. No math here.
 
     folder/_manifest.json                  what was scored: corpus fingerprint, model, window settings
-    folder/part-00000-rank0000.parquet     index, id, num_tokens, nll, perplexity, num_words, num_bytes
-                                           (+ COMPARE_COLUMNS when compared with a reference)
+    folder/part-00000-rank0000.parquet     index, id, num_tokens, nll, perplexity, num_words, num_bytes, error
+                                           (+ COMPARE_COLUMNS when compared with a reference); `error` is
+                                           null, or why the document was skipped or flagged (`ppl_inputs`)
     folder/.part-00001-rank0000.parquet.tmp   a part being written (readers skip names starting with "." or "_")
 
 A part is written under its temporary name and renamed when complete, so it is whole or
@@ -20,7 +21,7 @@ from pathlib import Path
 
 MANIFEST = "_manifest.json"
 _PART = re.compile(r"^part-(\d+)-rank(\d+)\.parquet$")
-COLUMNS = ("index", "id", "num_tokens", "nll", "perplexity", "num_words", "num_bytes")
+COLUMNS = ("index", "id", "num_tokens", "nll", "perplexity", "num_words", "num_bytes", "error")
 # with a reference model: `ppl_compare.token_stats`'s per-document sums, and the per-token KL for its quantiles
 COMPARE_COLUMNS = ("reference_nll", "reference_perplexity", "kl", "kl_sq", "kl_variance", "same_top1", "dp_sq", "nll_sq",
                    "reference_nll_sq", "nll_cross", "token_kl")
@@ -30,7 +31,7 @@ def _schema(compare=False):
     import pyarrow as pa
 
     fields = [("index", pa.int64()), ("id", pa.string()), ("num_tokens", pa.int64()), ("nll", pa.float64()),
-              ("perplexity", pa.float64()), ("num_words", pa.int64()), ("num_bytes", pa.int64())]
+              ("perplexity", pa.float64()), ("num_words", pa.int64()), ("num_bytes", pa.int64()), ("error", pa.string())]
     if compare:
         types = {"same_top1": pa.int64(), "token_kl": pa.list_(pa.float64())}  # the others: float64 sums
         fields += [(name, types.get(name, pa.float64())) for name in COMPARE_COLUMNS]
@@ -164,7 +165,8 @@ def read_rows(folder, columns=None):
     parts = _parts(folder)
     if not parts:
         return _schema().empty_table().to_pandas()[columns or list(COLUMNS)]
-    table = pa.concat_tables(pq.read_table(p, columns=columns) for p in parts)
+    # parts written before the `error` column existed lack it: null there
+    table = pa.concat_tables((pq.read_table(p, columns=columns) for p in parts), promote_options="default")
     return table.to_pandas().sort_values("index", kind="stable").reset_index(drop=True)
 
 
@@ -192,9 +194,10 @@ class PartWriter:
         self.last_flush = time.monotonic()
         if not self.rows:
             return
-        compare = "reference_nll" in self.rows[0]
+        compare = any("reference_nll" in row for row in self.rows)
         columns = COLUMNS + (COMPARE_COLUMNS if compare else ())
-        table = pa.Table.from_pylist([{k: row[k] for k in columns} for row in self.rows], schema=_schema(compare))
+        # rows of empty or flagged documents hold only index, id and error: the rest is null
+        table = pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in self.rows], schema=_schema(compare))
         name = f"part-{self.part:05d}-rank{self.rank:04d}.parquet"
         tmp = self.folder / f".{name}.tmp"
         pq.write_table(table, tmp)

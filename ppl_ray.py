@@ -15,9 +15,7 @@ itself is imported only inside `run_cli`, behind `ppl_cli.py --engine ray`.
 """
 
 import glob
-import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -25,10 +23,12 @@ from pathlib import Path
 
 if __package__:
     from .ppl_docs import pool_scores
+    from .ppl_inputs import SKIPPED
     from .ppl_runner import resolve_settings, score_documents
     from .ppl_sources import load_model, model_name
 else:
     from ppl_docs import pool_scores
+    from ppl_inputs import SKIPPED
     from ppl_runner import resolve_settings, score_documents
     from ppl_sources import load_model, model_name
 
@@ -57,9 +57,9 @@ class DocumentScorer:
             settings, as for `ppl_runner.score_texts`; `runner_kwargs`: its other settings.
 
     Called with a pandas DataFrame, returns it with SCORE_COLUMNS added: every input column
-    passes through, in order. Rows whose text is missing, not a string, empty (or only
-    whitespace, which the command line skips as empty) or has no token to score get null
-    scores and an `error` message.
+    passes through, in order. Rows that `ppl_inputs.problem` skips (missing or whitespace-only
+    texts) or flags (not a string, not valid Unicode, no token to score) get null scores and an
+    `error` message, as on every route; a bad row never ends the job.
 
     Raises:
         ValueError, TypeError: bad settings or model (at construction, so a job fails before
@@ -94,54 +94,17 @@ class DocumentScorer:
             raise ValueError(f"The input already has column(s) {taken}, which the scores would overwrite; "
                              "rename or drop them first.")
         scores = {name: [None] * len(batch) for name in SCORE_COLUMNS}
-        good = []
-        for i, text in enumerate(batch[self.text_column].tolist()):
-            problem = _text_problem(text)
-            if problem:
-                scores["error"][i] = problem
-            else:
-                good.append((i, text))
-        for i, row in self._score(good):
-            for name in SCORE_COLUMNS:
-                scores[name][i] = row.get(name)
+        texts = [None if _missing(text) else text for text in batch[self.text_column].tolist()]
+        # the one scorer and its one rule: empty rows skipped, bad ones flagged (never ending the job)
+        for part in score_documents(self.model, self.tokenizer, ((i, None, text) for i, text in enumerate(texts)),
+                                    progress=False, bad_rows="flag", **self.options):
+            for row in part:
+                for name in SCORE_COLUMNS:
+                    scores[name][row["index"]] = row.get(name)
         out = batch.copy()
         for name in SCORE_COLUMNS:
             out[name] = _column(scores[name], _DTYPES[name])
         return out
-
-    def _score(self, docs):
-        """(position, row) for each document; one that cannot be scored gets a row with only `error`."""
-        if not docs:
-            return []
-        try:
-            return [(row["index"], row) for part in self._run(docs) for row in part]
-        except (ValueError, TypeError):
-            if len(docs) == 1:
-                raise
-        # One document failed (e.g. one token and no start token): score each alone so it
-        # sinks no other row. Only such batches lose the packing with their neighbours.
-        rows = []
-        for doc in docs:
-            try:
-                rows.extend(self._score([doc]))
-            except (ValueError, TypeError) as err:
-                rows.append((doc[0], {"error": re.sub(r"`texts\[\d+\]`", "the text", str(err))}))
-        return rows
-
-    def _run(self, docs):
-        return score_documents(self.model, self.tokenizer, ((i, None, text) for i, text in docs),
-                               progress=False, **self.options)
-
-
-def _text_problem(text):
-    """Why a cell cannot be scored, or None. Mirrors what the command line skips or rejects."""
-    if text is None or (isinstance(text, float) and math.isnan(text)):
-        return "missing text"
-    if not isinstance(text, str):
-        return f"expected a string, but got {type(text).__name__}"
-    if not text.strip():
-        return "empty text"
-    return None
 
 
 def _column(values, dtype):
@@ -156,6 +119,25 @@ def _missing(value):
     return value is None or (not isinstance(value, (list, dict)) and bool(pd.isna(value)))
 
 
+def _read_files(batch, *, text_field, id_field):
+    """Ray's read stage for JSON Lines, JSON and CSV files: `ppl_corpus.file_rows`, in blocks of
+    ROWS_PER_CALL rows (a number or a lone surrogate in a text reaches the scorer, which flags it)."""
+    import itertools
+
+    import pandas as pd
+
+    from ppl_corpus import file_rows  # the Ray route runs from the project's folder, never from evaluate's copy
+
+    for path in batch["path"]:
+        rows = file_rows(path, text_field=text_field, id_field=id_field)
+        while block := list(itertools.islice(rows, ROWS_PER_CALL)):
+            ids, texts = zip(*block)
+            columns = {text_field: pd.Series(texts, dtype=object)}
+            if id_field and id_field != text_field:
+                columns[id_field] = pd.Series([None if i is None else str(i) for i in ids], dtype=object)
+            yield pd.DataFrame(columns)
+
+
 class _Numbering:
     """Adds `index`, the row's position in the corpus, to rows that arrive in corpus order
     (one actor, with `preserve_order`): the one process's document index."""
@@ -164,12 +146,14 @@ class _Numbering:
         self.next, self.id_column = 0, id_column
 
     def __call__(self, batch):
+        from ppl_corpus import document_id
+
         out = batch.copy()
         out["index"] = range(self.next, self.next + len(batch))
-        ids = out[self.id_column].astype(object) if self.id_column else out["index"]
-        # as the local reader: str(value), the index where there is none (pandas turns ints with nulls into floats)
-        out["id"] = [str(i) if _missing(v) else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-                     for i, v in zip(out["index"], ids.tolist())]
+        ids = out[self.id_column].astype(object) if self.id_column else [None] * len(batch)
+        # the local reader's rule; pandas turns a Parquet column of ints with nulls into floats
+        out["id"] = [document_id(i, None if _missing(v) else int(v) if isinstance(v, float) and v.is_integer() else v)
+                     for i, v in zip(out["index"], list(ids))]
         self.next += len(batch)
         return out
 
@@ -247,6 +231,17 @@ def score_dataset(ds, *, workers=1, gpus_per_worker=0.0, rows_per_call=ROWS_PER_
                               **ACTOR_FAULT_TOLERANCE)
 
 
+def _fail_on_flagged(scores, count):
+    """--bad-rows fail on Ray: the job scored every row; the run fails naming the first bad one."""
+    import pandas as pd
+
+    frame = pd.read_parquet(scores, columns=["index", "id", "error"]) if isinstance(scores, str) else scores
+    bad = frame[frame["error"].notna() & ~frame["error"].isin(SKIPPED)].sort_values("index")
+    first = bad.iloc[0]
+    raise ValueError(f"Document {first['index']} (id {first['id']!r}) could not be scored: {first['error']} ({count} row(s) "
+                     "in all; with --bad-rows fail the run has no result: fix them, or pass --bad-rows flag).")
+
+
 def run_cli(args, *, limit, report, write_outputs):
     """`ppl_cli.py --engine ray`: read the corpus as a Ray dataset, score it, write `--docs-out` through
     `write_parquet`, pool and report as one process does (`report`, `write_outputs`: ppl_cli's)."""
@@ -286,9 +281,12 @@ def run_cli(args, *, limit, report, write_outputs):
     context.execution_options.preserve_order = True  # rows leave each stage in corpus order: `index`
     context.enable_progress_bars = not args.quiet
     try:
-        reader = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv,
-                  "json": lambda paths: ray.data.read_json(paths, lines=True)}[kind]
-        ds = reader(files)
+        if kind == "parquet":  # typed columns, read by row group in parallel
+            ds = ray.data.read_parquet(files)
+        else:  # the project's reader, file by file: the rows (and what is flagged) are those one process reads
+            ds = ray.data.from_items([{"path": f} for f in files]).map_batches(
+                _read_files, fn_kwargs={"text_field": args.text_field, "id_field": args.id_field}, batch_size=1,
+                batch_format="pandas")
         if limit:
             ds = ds.limit(limit)
         # no restart: a new counter would number rows twice, so its loss fails the job; one call at a time: with
@@ -316,8 +314,10 @@ def run_cli(args, *, limit, report, write_outputs):
             ray.shutdown()
     seconds = time.perf_counter() - clock - startup
     flagged = result.pop("errors")
-    empty = sum(n for message, n in flagged.items() if message in ("missing text", "empty text"))
-    bad = {message: n for message, n in flagged.items() if message not in ("missing text", "empty text")}
+    empty = sum(n for message, n in flagged.items() if message in SKIPPED)
+    bad = {message: n for message, n in flagged.items() if message not in SKIPPED}
+    if bad and args.bad_rows == "fail":
+        _fail_on_flagged(scores, sum(bad.values()))
     name = model_name(args.model, args.gguf_file)
     # settings as the driver resolves them on its CPU; actors on GPUs size their own batches
     result.update(model=name, corpus=args.corpus, seconds=seconds, dtype=dtype,

@@ -22,11 +22,13 @@ if __package__:
                               pool_comparison, token_stats, tokenizer_fingerprint)
     from .ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
     from .ppl_head import bytes_per_token, fused_head, memory_budget, scored_logits
+    from .ppl_inputs import check_bad_rows, check_texts, check_unicode, problem
 else:
     from ppl_compare import (SAMPLES, TOP_K, ModelReference, Recorder, ReferenceWriter, SavedReference, logits_width,
                              pool_comparison, token_stats, tokenizer_fingerprint)
     from ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
     from ppl_head import bytes_per_token, fused_head, memory_budget, scored_logits
+    from ppl_inputs import check_bad_rows, check_texts, check_unicode, problem
 
 TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
 # A chunk also ends past this many characters (~16k tokens: well under a minute on a CPU), so
@@ -365,7 +367,10 @@ def _tokenize(tokenizer, texts, offset, start_id):
     for i, item in enumerate(texts):
         if not isinstance(item, (str, Pair, Chat)):
             raise TypeError(f"Expected `texts[{offset + i}]` to be a string, but got {type(item).__name__}.")
-        check_unicode(item, f"`texts[{offset + i}]`")
+        strings = (item.context, item.continuation) if isinstance(item, Pair) else (
+            [m["content"] for m in item.messages] if isinstance(item, Chat) else [item])
+        for text in strings:
+            check_unicode(text, f"`texts[{offset + i}]`")
     ids = tokenizer([texts[i] for i in plain], add_special_tokens=False)["input_ids"] if plain else []
     encoded = dict(zip(plain, ids))
     sequences, masks = [], []
@@ -386,19 +391,6 @@ def _tokenize(tokenizer, texts, offset, start_id):
         sequences.append(seq)
         masks.append(mask)
     return sequences, masks
-
-
-def check_unicode(item, label):
-    """Refuse a lone surrogate (as `json.loads` gives for "\\ud800"): tokenizers reject it with a
-    type error that names neither the text nor the character."""
-    strings = (item.context, item.continuation) if isinstance(item, Pair) else (
-        [m["content"] for m in item.messages] if isinstance(item, Chat) else [item])
-    for text in strings:
-        try:
-            text.encode("utf-8") if isinstance(text, str) else None
-        except UnicodeEncodeError as err:
-            raise ValueError(f"Expected {label} to be valid Unicode text, but it holds a lone surrogate "
-                             f"(U+{ord(text[err.start]):04X}) at character {err.start}.") from None
 
 
 def split_pair(tokenizer, context, continuation):
@@ -473,30 +465,40 @@ def _score_chunk(sequences, masks, offset, settings, pad_id, score_batch, bar):
     return [torch.cat(parts) for parts in per_text]
 
 
-def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runner_kwargs):
+def score_documents(model, tokenizer, documents, *, keep_logprobs=False, bad_rows="fail", **runner_kwargs):
     """Per-document results, streamed: `score_texts` over `(index, id, text)` triples.
 
-    Yields a list of rows per chunk of texts (as soon as that chunk is scored), each a dict
-    with `index` and `id` as given, `num_tokens` (scored tokens), `nll` (their summed
-    negative log-likelihood in nats, summed exactly in float64), `perplexity`, and
-    lm-evaluation-harness's `num_words` and `num_bytes`. This is the one scorer behind text
-    mode, the command line's `--docs-out`, and every multi-process route. With
-    `keep_logprobs`, rows also hold `text` and the per-token `logprobs`. With a `compare`
-    reference (`ppl_compare`), rows also hold its `token_stats` (a recorder: `record`).
+    Yields lists of rows (as soon as a chunk of texts is scored), each a dict with `index` and
+    `id` as given, `num_tokens` (scored tokens), `nll` (their summed negative log-likelihood in
+    nats, summed exactly in float64), `perplexity`, and lm-evaluation-harness's `num_words` and
+    `num_bytes`. This is the one scorer behind text mode, the command line's `--docs-out`, Ray
+    and every multi-process route. With `keep_logprobs`, rows also hold `text` and the
+    per-token `logprobs`. With a `compare` reference (`ppl_compare`), rows also hold its
+    `token_stats` (a recorder: `record`).
+
+    Documents follow `ppl_inputs.problem`: an empty one (missing, or only whitespace) gets a
+    row with only `index`, `id` and `error` ("missing text", "empty text"); so does a bad one
+    with `bad_rows="flag"`, while "fail" (the default) raises.
 
     Raises:
-        TypeError, ValueError: a text that is not a string, is empty, or has no token to
-            score; the message names the document's index and id.
+        TypeError, ValueError: with `bad_rows="fail"`, a text that is not a string, is not
+            valid Unicode, or has no token to score; the message names the document's index
+            and id (`texts[i]` where the id is None).
     """
+    check_bad_rows(bad_rows)
     pending = collections.deque()  # documents handed to score_texts whose rows are not out yet
+    skipped = []  # rows of documents that are not scored, yielded with the next batch
     compare = runner_kwargs.get("compare")
+    token_check = None if runner_kwargs.get("add_start_token", True) else tokenizer  # one token is nothing to score
 
     def texts():
         for index, doc_id, text in documents:
-            if not isinstance(text, (str, Pair, Chat)):
-                raise TypeError(f"Expected {_label(index, doc_id)} to be a string, but got {type(text).__name__}.")
-            if not _scored_text(text):
-                raise ValueError(f"Expected {_label(index, doc_id)} to have at least one token to score, but it is empty.")
+            found = None if isinstance(text, (Pair, Chat)) else problem(text, tokenizer=token_check)
+            if found is not None and not found.empty and bad_rows == "fail":
+                raise found.error(_label(index, doc_id))
+            if found is not None:
+                skipped.append({"index": index, "id": doc_id, "error": found.flag})
+                continue
             pending.append((index, doc_id, text))
             if compare is not None:
                 compare.expect(index)
@@ -508,6 +510,8 @@ def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runne
         try:
             batch = next(stream)
         except StopIteration:
+            if skipped:
+                yield skipped
             return
         except ValueError as err:  # `texts[k]` counts the stream: name the document instead
             def name(match):
@@ -528,6 +532,7 @@ def score_documents(model, tokenizer, documents, *, keep_logprobs=False, **runne
             elif compare is not None:
                 rows[-1].update(token_stats(batch["columns"][k], keep_tokens=keep_logprobs))
         consumed += len(rows)
+        rows, skipped[:] = skipped + rows, []
         yield rows
 
 
@@ -576,7 +581,12 @@ def evaluate_texts(model, tokenizer, texts=None, *, contexts=None, conversations
 
 
 def text_rows(model, tokenizer, texts, **runner_kwargs):
-    """`score_documents`'s rows for a list of texts (errors name `texts[i]`), in order."""
+    """`score_documents`'s rows for a list of texts, in order. Explicit texts fail fast on an
+    empty or bad one, naming `texts[i]` (a corpus route would skip or flag it)."""
+    for i, text in enumerate(texts):
+        found = None if isinstance(text, (Pair, Chat)) else problem(text)
+        if found is not None:
+            raise found.error(f"`texts[{i}]`")
     documents = ((i, None, text) for i, text in enumerate(texts))
     return [row for part in score_documents(model, tokenizer, documents, **runner_kwargs) for row in part]
 
@@ -624,22 +634,6 @@ def check_conversations(conversations, tokenizer):
     if not chats:
         raise ValueError("Expected at least one conversation in `conversations`, but got none.")
     return chats
-
-
-def check_texts(texts, name="texts"):
-    """`texts` as a new list (the caller's object is left alone), checked before any scoring:
-    at least one, each a non-empty string. A bad text at index 10,000 fails now, not after hours."""
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, collections.abc.Iterable):
-        raise TypeError(f"Expected `{name}` to be a list of strings, but got {type(texts).__name__}.")
-    texts = list(texts)
-    if not texts:
-        raise ValueError(f"Expected at least one text in `{name}`, but got none.")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"Expected `{name}[{i}]` to be a string, but got {type(text).__name__}.")
-        if not text:
-            raise ValueError(f"Expected `{name}[{i}]` to have at least one token to score, but it is empty.")
-    return texts
 
 
 def nll_per_text(model, tokenizer, texts, **runner_kwargs):
@@ -699,6 +693,7 @@ def save_reference(model, tokenizer, documents, path, *, meta=None, top_k=None, 
     rows, complete = [], False
     try:
         for part in score_documents(model, tokenizer, documents, compare=recorder, **runner_kwargs):
+            part = [row for row in part if "error" not in row]  # empty or flagged: nothing to record
             writer.write(part)
             for row in part:
                 del row["record"]

@@ -97,7 +97,7 @@ def test_compute_text_refusals(tiny):
 WORK_TEXT = "word " * 59  # stride 1 with max_length 64 on it: refused by check_work, a Refusal in the library call
 WORK_REFUSAL = ("`stride` 1 with `max_length` 64 would run 3520 tokens through the model for a text of 119; this Space "
                 "allows 8x: raise `stride`.")
-SURROGATE_REFUSAL = "The text is not valid Unicode: it holds a lone surrogate (U+D800) at character 4."
+SURROGATE_REFUSAL = "Expected the text to be valid Unicode text, but it holds a lone surrogate (U+D800) at character 4."
 
 
 def test_refusals_pass_unwrapped_without_quotes(tiny):

@@ -250,7 +250,8 @@ def test_torchrun_bad_text_on_one_rank_fails_every_report(tiny_dir, corpus, tmp_
     path = tmp_path / "bad.jsonl"  # without a start token, "a" (one token) has nothing to score
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [corpus[0], "a", *corpus[1:3]]), encoding="utf-8")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            PPL_CLI, "--corpus", str(path), "--model", str(tiny_dir), "--no-start-token", "--timeout", "60", "--json", "-"]
+            PPL_CLI, "--corpus", str(path), "--model", str(tiny_dir), "--no-start-token", "--bad-rows", "fail", "--timeout",
+            "60", "--json", "-"]
     rc, out, err = _finish(_start(args, _child_env()))
     assert rc != 0 and out.strip() == ""  # no partial result
     assert "error (rank 0): On rank 1: " in err and "document 1 (id '1')" in err, err[-3000:]

@@ -58,7 +58,8 @@ def test_docs_out_rows_match_an_independent_float64_loop(uninterrupted, tiny, pa
 
     folder, result = uninterrupted
     frame = pd.read_parquet(folder)  # every part, none of the manifest or temporary files
-    assert list(frame.columns) == ["index", "id", "num_tokens", "nll", "perplexity", "num_words", "num_bytes"]
+    assert list(frame.columns) == ["index", "id", "num_tokens", "nll", "perplexity", "num_words", "num_bytes", "error"]
+    assert frame["error"].isna().all()  # every paragraph has text: none skipped or flagged
     frame = frame.sort_values("index").reset_index(drop=True)
     assert frame["index"].tolist() == list(range(len(paragraphs)))
     assert frame["id"].tolist() == [f"doc://{i}" for i in range(len(paragraphs))]

@@ -171,7 +171,7 @@ def test_a_run_stopped_by_a_bad_row_leaves_no_empty_tokens_file(files, capsys, t
     corpus.write_text(json.dumps({"text": 600}) + "\n" + json.dumps({"text": TEXTS[0]}) + "\n")
     tokens = tmp_path / "tokens.csv"
     status = ppl_cli.main(["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--quiet",
-                           "--tokens-out", str(tokens)])
+                           "--tokens-out", str(tokens), "--bad-rows", "fail"])
     assert status == 2
     assert not tokens.exists() and not list(tmp_path.glob(".tokens.csv.*"))  # a rerun is not blocked
 
@@ -181,12 +181,21 @@ def test_a_lone_surrogate_is_named_by_document_and_leaves_no_tokens_file(files, 
     corpus.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate([TEXTS[0], "bad \ud800 text"])))
     before = digest(corpus)
     tokens = tmp_path / "tokens.csv"
-    status = ppl_cli.main(["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--quiet",
-                           "--id-field", "id", "--tokens-out", str(tokens)])
-    assert status == 2
+    args = ["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--quiet", "--id-field", "id"]
+    assert ppl_cli.main([*args, "--tokens-out", str(tokens), "--bad-rows", "fail"]) == 2
     one_error_line(capsys.readouterr().err, r"^error: Expected document 1 \(id 'doc-1'\) to be valid Unicode text, but it "
                                             r"holds a lone surrogate \(U\+D800\) at character 4\.$")
     assert not tokens.exists() and digest(corpus) == before
+    # by default the row is flagged (in --docs-out's `error` column) and the others are scored
+    assert ppl_cli.main([*args, "--docs-out", str(tmp_path / "docs"), "--json", str(tmp_path / "out.json")]) == 0
+    assert capsys.readouterr().err.strip() == ("ppl_cli: 1 row(s) could not be scored and are flagged in their `error` "
+                                               "column: 1 x not valid Unicode")
+    rows = pd.read_parquet(tmp_path / "docs").sort_values("index")
+    assert rows["error"].isna().tolist() == [True, False]
+    assert rows["error"].iloc[1] == "not valid Unicode: a lone surrogate (U+D800) at character 4"
+    assert rows["id"].tolist() == ["doc-0", "doc-1"] and pd.isna(rows["nll"].iloc[1])
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert (result["num_documents"], result["flagged_rows"], result["skipped_empty"]) == (1, 1, 0)
 
 
 def test_tokens_out_is_renamed_into_place_only_when_complete(files, capsys, tmp_path, monkeypatch):

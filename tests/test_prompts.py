@@ -145,7 +145,7 @@ def test_chat_on_the_real_template_scores_exactly_the_assistant_content_and_end_
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"predictions": ["a", "b"], "contexts": ["only one"]}, ValueError, "`contexts` to hold one string per item"),
     ({"predictions": ["a"], "contexts": [3]}, TypeError, r"`contexts\[0\]` to be a string"),
-    ({"predictions": [""], "contexts": ["context"]}, ValueError, r"`texts\[0\]` to have at least one token"),
+    ({"predictions": [""], "contexts": ["context"]}, ValueError, r"`predictions\[0\]` to have at least one token"),
     ({"conversations": [[{"role": "user", "content": "hi"}]]}, ValueError, "assistant message"),
     ({"conversations": [[{"role": "assistant"}]]}, TypeError, r"`conversations\[0\]\[0\]`"),
     ({"conversations": "not a list"}, TypeError, "`conversations`"),

@@ -52,7 +52,7 @@ def test_text_mode_errors(text_metric, tiny):
         text_metric.compute(predictions=TEXTS, model=model)
     with pytest.raises(ValueError, match="stride"):
         text_metric.compute(predictions=TEXTS, model=model, tokenizer=tokenizer, max_length=8, stride=9)
-    with pytest.raises(ValueError, match=r"texts\[1\]"):
+    with pytest.raises(ValueError, match=r"`predictions\[1\]`.*empty"):
         text_metric.compute(predictions=["ok", ""], model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="Could not load model"):
         text_metric.compute(predictions=TEXTS, model_id=str(ROOT / "no-such-model"))
