@@ -31,7 +31,7 @@ from ppl_docs import PartWriter, hold, prepare, read_rows, write_manifest
 from ppl_outputs import atomic_write_text, card_file, check_outputs
 from ppl_compare import ModelReference, SavedReference
 from ppl_inputs import BAD_ROWS, SKIPPED
-from ppl_runner import pool_rows, resolve_settings, save_reference, score_documents
+from ppl_runner import pool_rows, reference_recorder, resolve_settings, save_reference, score_documents
 from ppl_sources import MODEL_FILE_SUFFIXES, int8_label, load_model, model_location, model_name, quantize_dynamic_int8
 from ppl_tokens import TOKEN_COLUMNS, WORD_COLUMNS, TableWriter, document_token_rows, word_rows
 
@@ -212,11 +212,14 @@ def run(args, ctx, held):
         compare = SavedReference(args.reference_file)
         compare.check_corpus(_corpus_meta(corpus, limit))
         reference_name = f"{args.reference_file} ({compare.meta.get('model', 'unnamed model')})"
-    options = dict(batch_size=args.batch_size, max_length=args.max_length, stride=args.stride,
-                   max_batch_tokens=args.max_batch_tokens, add_start_token=not args.no_start_token)
-    settings = resolve_settings(model, tokenizer, **options, compare=compare)
-    options["max_batch_tokens"] = settings["max_batch_tokens"]  # resolved once: what the report shows is what runs
-    if compare is not None:
+    if args.save_reference:  # what the saved file keeps per token: resolved with the settings
+        compare = reference_recorder(args.save_top_k, args.save_samples)
+    # resolved once, here: what the report shows is what the scorer (and the reference) runs
+    settings = resolve_settings(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                                stride=args.stride, max_batch_tokens=args.max_batch_tokens,
+                                add_start_token=not args.no_start_token, compare=compare)
+    options = {"settings": settings}
+    if compare is not None and not args.save_reference:
         options["compare"] = compare
     start = tokenizer.convert_ids_to_tokens(settings["start_token_id"]) if settings["start_token_id"] is not None else "none"
     windows = f"max_length={settings['max_length']},stride={settings['stride']},start_token={start}"
@@ -249,7 +252,7 @@ def run(args, ctx, held):
 
     started = time.perf_counter()
     if args.save_reference:
-        return _save_reference(args, model, tokenizer, todo(), options, corpus=_corpus_meta(corpus, limit), name=name,
+        return _save_reference(args, model, tokenizer, todo(), compare, corpus=_corpus_meta(corpus, limit), name=name,
                                windows=windows, settings=settings, started=started)
     rows, payload = [], {"rank": rank}
     writer = PartWriter(args.docs_out, rank=rank, first_part=first_part) if args.docs_out else None
@@ -333,10 +336,10 @@ def _corpus_meta(corpus, limit):
             "text_field": corpus["text_field"], "id_field": corpus["id_field"], "split": corpus["split"], "config": corpus["config"]}
 
 
-def _save_reference(args, model, tokenizer, documents, options, *, corpus, name, windows, settings, started):
+def _save_reference(args, model, tokenizer, documents, recorder, *, corpus, name, windows, settings, started):
     meta = {"model": name, "corpus": corpus, "corpus_source": str(args.corpus)}
-    rows = save_reference(model, tokenizer, documents, args.save_reference, meta=meta, top_k=args.save_top_k,
-                          samples=args.save_samples, progress=not args.quiet, **options)  # refuses an empty corpus
+    rows = save_reference(model, tokenizer, documents, args.save_reference, meta=meta, recorder=recorder, settings=settings,
+                          progress=not args.quiet, bad_rows=args.bad_rows)  # refuses an empty corpus
     result = pool_rows(rows, bootstrap_resamples=args.bootstrap_resamples)
     seconds = time.perf_counter() - started
     size = Path(args.save_reference).stat().st_size

@@ -347,7 +347,7 @@ class Recorder:
     def __init__(self, *, top_k=TOP_K, samples=SAMPLES, seed=0):
         check_int(top_k, "top_k", minimum=1)
         check_int(samples, "samples", minimum=2)
-        self.top_k, self.samples = top_k, samples
+        self.top_k, self.samples, self.seed = top_k, samples, seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def check(self, model, tokenizer, settings):

@@ -36,9 +36,11 @@ else:
 SCORE_COLUMNS = ("num_tokens", "nll", "perplexity", "num_words", "num_bytes", "error")
 _DTYPES = {"num_tokens": "Int64", "nll": "Float64", "perplexity": "Float64", "num_words": "Int64",
            "num_bytes": "Int64", "error": "object"}
-# Keywords for `map_batches` that make a killed actor come back and its batch run again,
-# however often (Ray's defaults: no actor restart, no task retry).
-ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": -1}
+# Keywords for `map_batches` that make a killed actor come back and its batch run again (Ray's
+# defaults: no actor restart, no task retry). Retries are bounded: a row that kills its worker
+# every time (out of memory on one huge row) is found by `Ledger` on the second retry and flagged.
+ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 3}
+KILLED = "its worker died scoring it (out of memory?)"
 _RUNNER_KEYS = ("batch_size", "max_length", "stride", "max_batch_tokens", "add_start_token", "head")
 ROWS_PER_CALL = 64  # rows per `DocumentScorer` call in `run_cli`: a retried batch costs at most this
 _READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -69,21 +71,21 @@ class DocumentScorer:
 
     def __init__(self, model_id=None, *, gguf_file=None, device=None, dtype=None, trust_remote_code=False,
                  text_column="text", num_threads=None, batch_size=16, max_length=None, stride=None,
-                 max_batch_tokens=None, add_start_token=True, **runner_kwargs):
+                 max_batch_tokens=None, add_start_token=True, ledger=None, **runner_kwargs):
         if not isinstance(text_column, str):
             raise TypeError(f"Expected `text_column` to be a column name (str), but got {type(text_column).__name__}.")
         if num_threads is not None:
             import torch
 
             torch.set_num_threads(num_threads)
-        self.text_column = text_column
+        self.text_column, self.ledger = text_column, ledger
         self.model, self.tokenizer = load_model(model_id, gguf_file=gguf_file, device=device, dtype=dtype,
                                                 trust_remote_code=trust_remote_code)
-        self.options = dict(batch_size=batch_size, max_length=max_length, stride=stride,
-                            max_batch_tokens=max_batch_tokens, add_start_token=add_start_token, **runner_kwargs)
-        self.settings = resolve_settings(self.model, self.tokenizer, **self.options)  # bad settings fail here
-        # the batch budget is fixed now: resolved again per call, a dip in free memory would flag every row
-        self.options["max_batch_tokens"] = self.settings["max_batch_tokens"]
+        # resolved once per actor: bad settings fail here, and the batch budget stays what it was (resolved per
+        # call, a dip in free memory could fail a batch)
+        self.settings = resolve_settings(self.model, self.tokenizer, batch_size=batch_size, max_length=max_length,
+                                         stride=stride, max_batch_tokens=max_batch_tokens,
+                                         add_start_token=add_start_token, **runner_kwargs)
 
     def __call__(self, batch):
         if self.text_column not in batch.columns:
@@ -95,16 +97,68 @@ class DocumentScorer:
                              "rename or drop them first.")
         scores = {name: [None] * len(batch) for name in SCORE_COLUMNS}
         texts = [None if _missing(text) else text for text in batch[self.text_column].tolist()]
-        # the one scorer and its one rule: empty rows skipped, bad ones flagged (never ending the job)
-        for part in score_documents(self.model, self.tokenizer, ((i, None, text) for i, text in enumerate(texts)),
-                                    progress=False, bad_rows="flag", **self.options):
-            for row in part:
-                for name in SCORE_COLUMNS:
-                    scores[name][row["index"]] = row.get(name)
+        for row in self._rows(list(enumerate(texts))):
+            for name in SCORE_COLUMNS:
+                scores[name][row["index"]] = row.get(name)
         out = batch.copy()
         for name in SCORE_COLUMNS:
             out[name] = _column(scores[name], _DTYPES[name])
         return out
+
+    def _rows(self, docs):
+        """The rows of `(position, text)` documents. After an attempt at this batch died (Ray runs it
+        again on a new actor), one document at a time, asking the ledger whether an attempt died
+        while scoring it alone: that one is flagged, not tried again."""
+        if self.ledger is None:
+            return self._score(docs)
+        import ray
+
+        keys = [_row_key(text) for _, text in docs]
+        if ray.get(self.ledger.begin.remote(keys)) == 0:
+            return self._score(docs)
+        rows = []
+        for (position, text), key in zip(docs, keys):
+            if ray.get(self.ledger.start_row.remote(key)):
+                rows.append({"index": position, "error": KILLED})
+            else:
+                rows.extend(self._score([(position, text)]))
+                ray.get(self.ledger.end_row.remote(key))
+        return rows
+
+    def _score(self, docs):
+        """The one scorer and its one rule: empty rows skipped, bad ones flagged (never ending the job)."""
+        return [row for part in score_documents(self.model, self.tokenizer, ((i, None, text) for i, text in docs),
+                                                progress=False, bad_rows="flag", settings=self.settings) for row in part]
+
+
+class Ledger:
+    """A Ray actor that outlives the scoring actors of a job: which batches were attempted, and which
+    rows an attempt was scoring alone, so that a row that kills its worker is flagged on the retry
+    after the one that found it, instead of being retried until the job fails."""
+
+    def __init__(self):
+        self.attempts, self.open = {}, set()
+
+    def begin(self, keys):
+        """How many attempts at this batch came before (one that finished is never run again)."""
+        key = tuple(keys)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        return self.attempts[key] - 1
+
+    def start_row(self, key):
+        """Whether an earlier attempt died while scoring this row alone."""
+        died = key in self.open
+        self.open.add(key)
+        return died
+
+    def end_row(self, key):
+        self.open.discard(key)
+
+
+def _row_key(text):
+    import hashlib
+
+    return hashlib.sha1(repr(text).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _column(values, dtype):
@@ -219,10 +273,13 @@ def init_ray(address=None):
 
 
 def score_dataset(ds, *, workers=1, gpus_per_worker=0.0, rows_per_call=ROWS_PER_CALL, scorer=None, **scorer_kwargs):
-    """`ds` with the scores added by `workers` actors of `scorer` (default DocumentScorer), fault tolerant."""
+    """`ds` with the scores added by `workers` actors of `scorer` (default DocumentScorer), fault tolerant:
+    a killed actor is replaced and its batch retried (at most 3 times), and a row that kills its worker
+    each time is flagged with KILLED (through a `Ledger` actor shared by the job's scorers)."""
     import ray
 
     cpus, threads = actor_resources(workers, ray.cluster_resources().get("CPU", 1), gpus_per_worker)
+    scorer_kwargs.setdefault("ledger", ray.remote(num_cpus=0)(Ledger).remote())
     with warnings.catch_warnings():  # Ray 2.60 deprecates passing actor options as keywords, but has no other way
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(scorer or DocumentScorer, fn_constructor_kwargs={"num_threads": threads, **scorer_kwargs},

@@ -186,6 +186,7 @@ def score_texts(
     contexts=None,
     compare=None,
     progress=True,
+    settings=None,
 ):
     """Score texts with a causal LM: an iterator of `{"predictions", "references"}` batches for the metric.
 
@@ -218,15 +219,23 @@ def score_texts(
             same batches; each batch then also has `columns`: per text, a float64 tensor
             `(targets, len(ppl_compare.COLUMNS))` (a recorder: its records).
         progress: show a tqdm bar (on terminals) counting scored tokens.
+        settings: `resolve_settings`'s result, resolved once by a caller that reports it (the
+            command line, a Ray actor, a saved reference), instead of the options above.
 
     Raises:
         ValueError: bad `max_length`/`stride`/`batch_size`, a text that is empty or has no
             token to score, no start token available.
         TypeError: a text that is not a string.
     """
-    settings = resolve_settings(model, tokenizer, batch_size=batch_size, add_start_token=add_start_token,
-                                max_length=max_length, stride=stride, max_batch_tokens=max_batch_tokens,
-                                padding_side=padding_side, head=head, compare=compare)
+    if settings is None:
+        settings = resolve_settings(model, tokenizer, batch_size=batch_size, add_start_token=add_start_token,
+                                    max_length=max_length, stride=stride, max_batch_tokens=max_batch_tokens,
+                                    padding_side=padding_side, head=head, compare=compare)
+    else:
+        given = [name for name, value in (("max_length", max_length), ("stride", stride), ("padding_side", padding_side),
+                                          ("max_batch_tokens", max_batch_tokens)) if value is not None]
+        if given:
+            raise TypeError(f"Expected either `settings` or the options they resolve, but got both ({given}).")
     if isinstance(texts, str):
         raise TypeError("Expected `texts` to be a list of strings, but got a single string; wrap it in a list.")
     if not hasattr(texts, "__iter__"):
@@ -236,6 +245,9 @@ def score_texts(
             raise TypeError(f"Expected `contexts` to be a list of strings, but got {type(contexts).__name__}.")
         texts = _pairs(contexts, texts)
     return _score_stream(model, tokenizer, texts, settings, progress, compare)  # checks above run now, not at the first next()
+
+
+_SETTING_NAMES = ("batch_size", "add_start_token", "max_length", "stride", "max_batch_tokens", "padding_side", "head")
 
 
 def resolve_settings(model, tokenizer, *, batch_size=16, add_start_token=True, max_length=None, stride=None,
@@ -489,7 +501,9 @@ def score_documents(model, tokenizer, documents, *, keep_logprobs=False, bad_row
     pending = collections.deque()  # documents handed to score_texts whose rows are not out yet
     skipped = []  # rows of documents that are not scored, yielded with the next batch
     compare = runner_kwargs.get("compare")
-    token_check = None if runner_kwargs.get("add_start_token", True) else tokenizer  # one token is nothing to score
+    settings = runner_kwargs.get("settings")
+    starts = settings["start_token_id"] is not None if settings else runner_kwargs.get("add_start_token", True)
+    token_check = None if starts else tokenizer  # without a start token, one token is nothing to score
 
     def texts():
         for index, doc_id, text in documents:
@@ -676,17 +690,27 @@ def pool_texts(nll_sums, counts, texts, *, bootstrap_resamples=1000, seed=0):
     return pool_rows(rows, bootstrap_resamples=bootstrap_resamples, seed=seed)
 
 
-def save_reference(model, tokenizer, documents, path, *, meta=None, top_k=None, samples=None, seed=0, **runner_kwargs):
+def reference_recorder(top_k=None, samples=None, seed=0):
+    """What `save_reference` keeps per token: the top `top_k` log-probs and `samples` tokens drawn from the rest."""
+    return Recorder(top_k=TOP_K if top_k is None else top_k, samples=SAMPLES if samples is None else samples, seed=seed)
+
+
+def save_reference(model, tokenizer, documents, path, *, meta=None, top_k=None, samples=None, seed=0, recorder=None,
+                   **runner_kwargs):
     """Score `(index, id, text)` documents with the reference model alone and write, per scored
     token, what a later comparison needs (`ppl_compare.ReferenceWriter`: the top-k log-probs and
     tokens sampled from the rest, 16 + 8 (top_k + samples) bytes per token) to `path`, with the
     window settings, the tokenizer's fingerprint and `meta` (e.g. the corpus's). Returns the
     rows (without their records); `evaluate_texts(..., reference_file=path)` and the command
-    line's `--reference-file` compare a model against the file.
+    line's `--reference-file` compare a model against the file. A caller that resolved the
+    settings itself passes them with the `recorder` (`reference_recorder`) they were resolved for.
     """
-    recorder = Recorder(top_k=TOP_K if top_k is None else top_k, samples=SAMPLES if samples is None else samples, seed=seed)
-    settings = resolve_settings(model, tokenizer, **{k: v for k, v in runner_kwargs.items() if k != "progress"}, compare=recorder)
-    header = {"top_k": recorder.top_k, "samples": recorder.samples, "seed": seed, "vocab_size": logits_width(model),
+    recorder = recorder or reference_recorder(top_k, samples, seed)
+    if runner_kwargs.get("settings") is None:  # resolved here, once, for this recorder
+        options = {k: runner_kwargs.pop(k) for k in _SETTING_NAMES if k in runner_kwargs}
+        runner_kwargs["settings"] = resolve_settings(model, tokenizer, **options, compare=recorder)
+    settings = runner_kwargs["settings"]
+    header = {"top_k": recorder.top_k, "samples": recorder.samples, "seed": recorder.seed, "vocab_size": logits_width(model),
               "tokenizer": tokenizer_fingerprint(tokenizer), "settings": {k: settings[k] for k in ("max_length", "stride", "start_token_id")},
               **(meta or {})}
     writer = ReferenceWriter(path, header)

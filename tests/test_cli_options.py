@@ -451,3 +451,43 @@ def test_engine_ray_with_two_workers_runs_two_actors_and_scores_each_document_on
     nll = [loop_nll(*loop_logprobs(model, tokenizer, t)) for t in short]
     assert rows["nll"].tolist() == pytest.approx(nll, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(sum(nll) / rows["num_tokens"].sum()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Settings: resolved once per run, and that one resolution is what the scorer runs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [[], ["--reference-model", "REF"], ["--save-reference", "SAVE"]],
+                         ids=["plain", "reference-model", "save-reference"])
+def test_settings_are_resolved_once_per_run(models, corpus, tmp_path, monkeypatch, extra):
+    import ppl_compare
+    import ppl_runner
+
+    calls, checks, used = [], [], []
+    resolve, check, stream = ppl_runner.resolve_settings, ppl_compare.ModelReference.check, ppl_runner._score_stream
+
+    def counting_resolve(*args, **kwargs):
+        calls.append(kwargs)
+        return resolve(*args, **kwargs)
+
+    def counting_check(self, *args, **kwargs):
+        checks.append(args)
+        return check(self, *args, **kwargs)
+
+    def recording_stream(model, tokenizer, texts, settings, *args, **kwargs):
+        used.append(settings)
+        return stream(model, tokenizer, texts, settings, *args, **kwargs)
+
+    monkeypatch.setattr(ppl_runner, "resolve_settings", counting_resolve)
+    monkeypatch.setattr(ppl_cli, "resolve_settings", counting_resolve)
+    monkeypatch.setattr(ppl_compare.ModelReference, "check", counting_check)
+    monkeypatch.setattr(ppl_runner, "_score_stream", recording_stream)
+    paths = models[3]
+    extra = [str(paths["reference"]) if a == "REF" else str(tmp_path / "saved.parquet") if a == "SAVE" else a for a in extra]
+    out = tmp_path / "out.json"
+    ok("--model", paths["model"], "--corpus", corpus, "--max-batch-tokens", 96, "--json", out, *COMMON, *extra)
+    assert len(calls) == 1  # the command line's own: the scorer and the reference get it, nothing resolves again
+    assert len(checks) == (1 if "--reference-model" in extra else 0)
+    assert used and all(settings is used[0] for settings in used)
+    assert json.loads(out.read_text())["settings"] == used[0]

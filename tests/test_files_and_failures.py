@@ -25,6 +25,12 @@ TEXTS = ["The cat sat on the mat and looked at the door.", "A short second docum
          "Numbers like 12 and 345 are tokens too.", "The last one, with a comma, and an end."]
 
 
+# `ppl_cli.py` with chunks and parts of 8 documents (not 512 and 256): its first part is on disk long
+# before the end, however fast the CPU, so a test can act on a run that is still scoring
+SMALL_PARTS = ("import sys, ppl_cli, ppl_docs, ppl_runner; ppl_runner.TEXTS_PER_CHUNK = 8; "
+               "ppl_docs.PartWriter.__init__.__kwdefaults__['flush_rows'] = 8; sys.exit(ppl_cli.main(sys.argv[1:]))")
+
+
 @pytest.fixture(scope="module")
 def files(tiny, tmp_path_factory):
     """A saved tiny GPT-2 and a JSON Lines corpus of four documents."""
@@ -292,9 +298,9 @@ def test_quantize_names_how_many_layers_it_converted_when_some_stay_float(tiny):
 
 def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes_to_the_whole_result(files, tmp_path, capsys):
     corpus = tmp_path / "long.jsonl"
-    n = 1500  # the first part is written at 256 rows; the rest takes seconds: time to interrupt it
+    n = 1500
     corpus.write_text("".join(json.dumps({"text": f"{TEXTS[i % 4]} Document {i}."}) + "\n" for i in range(n)))
-    base = [sys.executable, str(ROOT / "ppl_cli.py"), "--model", str(files["model"]), "--device", "cpu",
+    base = [sys.executable, "-c", SMALL_PARTS, "--model", str(files["model"]), "--device", "cpu",
             "--corpus", str(corpus), "--limit", str(n), "--batch-size", "1", "--quiet"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     docs = tmp_path / "docs"
@@ -311,8 +317,8 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes_to_the_whole_result(
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [f"interrupted: the documents scored so far are in {docs}: run the same command with --resume to "
                      "continue."], err
-    assert ppl_cli.main([*base[2:], "--docs-out", str(docs), "--resume", "--json", str(tmp_path / "resumed.json")]) == 0
-    assert ppl_cli.main([*base[2:], "--json", str(tmp_path / "whole.json")]) == 0
+    assert ppl_cli.main([*base[3:], "--docs-out", str(docs), "--resume", "--json", str(tmp_path / "resumed.json")]) == 0
+    assert ppl_cli.main([*base[3:], "--json", str(tmp_path / "whole.json")]) == 0
     capsys.readouterr()
     resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("resumed", "whole"))
     assert resumed["num_documents"] == whole["num_documents"] == n
@@ -332,7 +338,7 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_accepted_once_it_is
     args = ["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--limit", str(n),
             "--batch-size", "1", "--quiet", "--docs-out", str(tmp_path / "docs")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    first = subprocess.Popen([sys.executable, str(ROOT / "ppl_cli.py"), *args], cwd=ROOT, env=env,
+    first = subprocess.Popen([sys.executable, "-c", SMALL_PARTS, *args], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

@@ -171,6 +171,31 @@ class PidScorer(DocumentScorer):
         return super().__call__(batch)
 
 
+class KillerScorer(DocumentScorer):
+    """A DocumentScorer whose process dies whenever it scores the text "KILL", as a worker does that runs
+    out of memory on one huge row."""
+
+    def _score(self, docs):
+        if any(text == "KILL" for _, text in docs):
+            os._exit(1)
+        return super()._score(docs)
+
+
+def test_a_row_that_kills_its_worker_every_time_is_flagged_and_the_job_ends(ray_cluster, tiny, tiny_dir):
+    from ppl_ray import KILLED, score_dataset
+
+    texts = default_corpus()[:6]
+    texts[3] = "KILL"
+    ds = ray_cluster.data.from_pandas(pd.DataFrame({"text": texts}))
+    out = score_dataset(ds, workers=1, rows_per_call=3, scorer=KillerScorer, model_id=str(tiny_dir), batch_size=1)
+    got = out.to_pandas()  # ends: retries are bounded, and the second retry of the batch flags the row
+    assert got["error"].isna().tolist() == [True, True, True, False, True, True] and got["error"][3] == KILLED
+    good = got.drop(index=3).to_dict("records")
+    with one_intra_op_thread():
+        expected = one_process_rows(*tiny, [t for i, t in enumerate(texts) if i != 3], batch_size=1)
+    assert_rows_equal(good, expected, rel=1e-5)
+
+
 def test_killed_actor_is_replaced_and_every_row_is_written_once(ray_cluster, tiny, tiny_dir, tmp_path):
     ray = ray_cluster
     texts = default_corpus()[:48]
