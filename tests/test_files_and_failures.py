@@ -438,6 +438,27 @@ def test_resume_refuses_new_weights_of_the_reference_model(files, capsys, tmp_pa
     assert digest(tmp_path / "docs") == before
 
 
+def test_a_bad_row_is_flagged_not_the_end_of_the_run_and_its_fix_is_named_as_a_changed_corpus(files, capsys, tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    rows = [{"text": f"{TEXTS[i % 4]} Document {i}."} for i in range(700)]
+    rows[600] = {"text": 600}  # the row that ended a run after 512 documents
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    docs, out = tmp_path / "docs", tmp_path / "out.json"
+    args = ["--model", str(files["model"]), "--device", "cpu", "--corpus", str(corpus), "--quiet", "--docs-out", str(docs)]
+    assert ppl_cli.main([*args, "--json", str(out)]) == 0
+    assert "1 row(s) could not be scored and are flagged in their `error` column: 1 x expected a string, but got int" in \
+        capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert (result["num_documents"], result["flagged_rows"]) == (699, 1)
+    rows[600] = {"text": "six hundred"}  # fixed: the folder no longer matches the corpus, and says so
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before = digest(docs)
+    assert ppl_cli.main([*args, "--resume"]) == 2
+    one_error_line(capsys.readouterr().err, r"corpus_fingerprint: the corpus changed since the run began \(bad\.jsonl "
+                                            r"changed\).*Give a new --docs-out folder to score afresh\.$")
+    assert digest(docs) == before
+
+
 def test_resume_refuses_a_changed_file_of_a_folder_corpus_by_name(files, capsys, tmp_path):
     crawl = tmp_path / "crawl"
     crawl.mkdir()
