@@ -290,6 +290,10 @@ def run(args, ctx, held):
     else:
         rows = [row for other in gathered for row in other["rows"]]
     rows, skipped, flagged = split_rows(rows)
+    if flagged and args.bad_rows == "fail":  # flagged by an earlier run of a resumed folder
+        raise ValueError(f"{sum(flagged.values())} row(s) of the --docs-out folder were flagged by an earlier run "
+                         f"({'; '.join(sorted(flagged))}); with --bad-rows fail the run has no result: fix them and "
+                         "score afresh, or pass --bad-rows flag.")
     if not rows:
         raise ValueError(f"The corpus {args.corpus!r} holds no text" + (f" in its first {limit} documents" if limit else "")
                          + (f" that could be scored ({sum(flagged.values())} row(s) flagged)." if flagged else "."))
@@ -300,8 +304,8 @@ def run(args, ctx, held):
                   docs_out=args.docs_out, skipped_empty=skipped, flagged_rows=sum(flagged.values()))
     if reference_name:
         result["reference"] = reference_name
-    _report(args, result, gathered, limit=limit, name=name, windows=windows, seconds=seconds, world_size=world_size)
-    report_flagged(flagged)
+    _report(args, result, gathered, limit=limit, name=name, windows=windows, seconds=seconds, world_size=world_size,
+            flagged=flagged)
     if args.docs_out:  # one per document: they are in the folder, however large the corpus
         del result["perplexities"]
         result.pop("reference_perplexities", None)
@@ -431,7 +435,8 @@ def split_rows(rows):
     for row in rows:
         error = row.get("error")
         if error is None or error != error:  # NaN: a scored row read back from a folder
-            scored.append(row)
+            # counts read back from a folder with null rows are floats: whole numbers again
+            scored.append({**row, **{k: int(row[k]) for k in ("num_tokens", "num_words", "num_bytes") if k in row}})
         elif error in SKIPPED:
             skipped += 1
         else:
@@ -445,7 +450,7 @@ def report_flagged(flagged):
               + "; ".join(f"{n} x {message}" for message, n in sorted(flagged.items())), file=sys.stderr)
 
 
-def _report(args, result, gathered, *, limit, name, windows, seconds, world_size):
+def _report(args, result, gathered, *, limit, name, windows, seconds, world_size, flagged=None):
     empty = result.get("skipped_empty", 0)
     resumed = sum(o["counts"]["resumed"] for o in gathered)
     corpus_name = f"{args.corpus}" + (f" (first {limit} documents)" if limit else "")
@@ -465,6 +470,7 @@ def _report(args, result, gathered, *, limit, name, windows, seconds, world_size
                                   f"{result['dtype'].removeprefix('torch.')} on {result['device']}"))
     if args.json != "-":
         print(format_report(result, model_name=name, corpus_name=corpus_name, seconds=seconds, windows=windows, notes=notes))
+    report_flagged(flagged)
 
 
 def _write_outputs(args, result, *, name, windows):

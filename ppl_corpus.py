@@ -221,6 +221,8 @@ def _json_row(row, text_field, id_field, i):
         if id_field is not None:
             raise ValueError(f"item {i} is not an object with the field {id_field!r} (the --id-field)")
         return None, row
+    if i == 0 and text_field not in row:  # a wrong --text-field, said now: not a corpus of empty documents
+        raise ValueError(f"item 0 has no field {text_field!r} (the --text-field; it has {sorted(row)[:10]})")
     if id_field is not None and id_field not in row:
         raise ValueError(f"item {i} has no field {id_field!r} (the --id-field)")
     return (row[id_field] if id_field else None), row.get(text_field)

@@ -9,14 +9,16 @@
 
 `DocumentScorer` is a plain callable class (no Ray needed to import or call it): it loads
 the model once per actor and runs `ppl_runner.score_documents`, the scorer behind every
-other route, on the rows of each batch. A bad row (a missing, non-string, empty or
-unscorable text) gets null scores and an `error` message; it never fails its batch. Ray
-itself is imported only inside `run_cli`, behind `ppl_cli.py --engine ray`.
+other route, on the rows of each batch. A row that `ppl_inputs` skips or flags gets null
+scores and an `error` message; it never fails its batch. `score_dataset` adds the retries
+and the `Ledger` that flags a row which kills its worker each time (the bare `map_batches`
+above retries a batch at most 3 times, then fails the job). Ray itself is imported only
+inside `run_cli`, behind `ppl_cli.py --engine ray`.
 """
 
 import glob
 import os
-import sys
+import re
 import time
 import warnings
 from pathlib import Path
@@ -97,7 +99,8 @@ class DocumentScorer:
                              "rename or drop them first.")
         scores = {name: [None] * len(batch) for name in SCORE_COLUMNS}
         texts = [None if _missing(text) else text for text in batch[self.text_column].tolist()]
-        for row in self._rows(list(enumerate(texts))):
+        index = batch["index"].tolist() if "index" in batch.columns else None  # the corpus index, on the CLI's route
+        for row in self._rows(list(enumerate(texts)), index):
             for name in SCORE_COLUMNS:
                 scores[name][row["index"]] = row.get(name)
         out = batch.copy()
@@ -105,7 +108,7 @@ class DocumentScorer:
             out[name] = _column(scores[name], _DTYPES[name])
         return out
 
-    def _rows(self, docs):
+    def _rows(self, docs, index=None):
         """The rows of `(position, text)` documents. After an attempt at this batch died (Ray runs it
         again on a new actor), one document at a time, asking the ledger whether an attempt died
         while scoring it alone: that one is flagged, not tried again."""
@@ -113,22 +116,32 @@ class DocumentScorer:
             return self._score(docs)
         import ray
 
-        keys = [_row_key(text) for _, text in docs]
-        if ray.get(self.ledger.begin.remote(keys)) == 0:
-            return self._score(docs)
-        rows = []
-        for (position, text), key in zip(docs, keys):
-            if ray.get(self.ledger.start_row.remote(key)):
-                rows.append({"index": position, "error": KILLED})
-            else:
-                rows.extend(self._score([(position, text)]))
-                ray.get(self.ledger.end_row.remote(key))
+        keys = [_row_key(position if index is None else index[position], text) for position, text in docs]
+        batch = _row_key(None, tuple(keys))
+        if ray.get(self.ledger.begin.remote(batch)) == 0:
+            rows = self._score(docs)
+        else:
+            rows = []
+            for (position, text), key in zip(docs, keys):
+                if ray.get(self.ledger.start_row.remote(key)):
+                    rows.append({"index": position, "error": KILLED})
+                else:
+                    rows.extend(self._score([(position, text)]))
+                    ray.get(self.ledger.end_row.remote(key))
+        self.ledger.end.remote(batch)
         return rows
 
     def _score(self, docs):
-        """The one scorer and its one rule: empty rows skipped, bad ones flagged (never ending the job)."""
-        return [row for part in score_documents(self.model, self.tokenizer, ((i, None, text) for i, text in docs),
-                                                progress=False, bad_rows="flag", settings=self.settings) for row in part]
+        """The one scorer and its one rule: empty rows skipped, bad ones flagged. A document the rule lets
+        through that still fails (no token left after tokenizing) is found by scoring the batch's documents
+        one at a time, and flagged: it never sinks the others or the job."""
+        try:
+            return [row for part in score_documents(self.model, self.tokenizer, ((i, None, text) for i, text in docs),
+                                                    progress=False, bad_rows="flag", settings=self.settings) for row in part]
+        except (ValueError, TypeError) as err:
+            if len(docs) == 1:
+                return [{"index": docs[0][0], "error": re.sub(r"`texts\[\d+\]`", "the text", str(err))}]
+        return [row for doc in docs for row in self._score([doc])]
 
 
 class Ledger:
@@ -139,11 +152,13 @@ class Ledger:
     def __init__(self):
         self.attempts, self.open = {}, set()
 
-    def begin(self, keys):
+    def begin(self, batch):
         """How many attempts at this batch came before (one that finished is never run again)."""
-        key = tuple(keys)
-        self.attempts[key] = self.attempts.get(key, 0) + 1
-        return self.attempts[key] - 1
+        self.attempts[batch] = self.attempts.get(batch, 0) + 1
+        return self.attempts[batch] - 1
+
+    def end(self, batch):
+        self.attempts.pop(batch, None)  # finished: nothing to remember
 
     def start_row(self, key):
         """Whether an earlier attempt died while scoring this row alone."""
@@ -155,10 +170,11 @@ class Ledger:
         self.open.discard(key)
 
 
-def _row_key(text):
+def _row_key(position, text):
+    """A row's key: its corpus index (or position in its batch) with its text, so equal texts differ."""
     import hashlib
 
-    return hashlib.sha1(repr(text).encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha1(repr((position, text)).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _column(values, dtype):
@@ -170,7 +186,7 @@ def _column(values, dtype):
 def _missing(value):
     import pandas as pd
 
-    return value is None or (not isinstance(value, (list, dict)) and bool(pd.isna(value)))
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))  # a list cell is not missing
 
 
 def _read_files(batch, *, text_field, id_field):
@@ -381,11 +397,8 @@ def run_cli(args, *, limit, report, write_outputs):
                   device="cuda" if args.gpus_per_worker else "cpu", settings=settings, processes=args.workers,
                   engine="ray", ray_startup_seconds=startup, docs_out=args.docs_out, skipped_empty=empty,
                   flagged_rows=sum(bad.values()))
-    report(args, result, [{"counts": {"empty": empty, "resumed": 0}}], limit=limit, name=name, windows=windows,
-           seconds=seconds, world_size=1)
-    if bad:
-        print(f"ppl_cli: {sum(bad.values())} row(s) could not be scored and are flagged in their `error` column: "
-              + "; ".join(f"{n} x {message}" for message, n in sorted(bad.items())), file=sys.stderr)
+    report(args, result, [{"counts": {"resumed": 0}}], limit=limit, name=name, windows=windows,
+           seconds=seconds, world_size=1, flagged=bad)
     if args.docs_out:
         del result["perplexities"]  # one per document: they are in the folder
     write_outputs(args, result, name=name, windows=windows)

@@ -220,7 +220,8 @@ def score_texts(
             `(targets, len(ppl_compare.COLUMNS))` (a recorder: its records).
         progress: show a tqdm bar (on terminals) counting scored tokens.
         settings: `resolve_settings`'s result, resolved once by a caller that reports it (the
-            command line, a Ray actor, a saved reference), instead of the options above.
+            command line, a Ray actor, a saved reference); it replaces every option above that
+            it resolves (`batch_size`, `add_start_token`, `head` too), which are then ignored.
 
     Raises:
         ValueError: bad `max_length`/`stride`/`batch_size`, a text that is empty or has no

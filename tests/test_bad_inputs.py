@@ -738,7 +738,7 @@ def corpus_dir(tmp_path_factory):
     ("non-object-line.jsonl", "item 1 has no string field 'text'"),
     ("number-line.jsonl", "item 1 has no string field 'text'"),
     ("bad-line.jsonl", "Could not read corpus '.*bad-line.jsonl'"),
-    ("missing-field.jsonl", "holds no text"),  # a missing text is an empty document (ppl_inputs), as on Ray
+    ("missing-field.jsonl", "item 0 has no field .text. \\(the --text-field"),  # a wrong field, said at once
     ("null-field.jsonl", "holds no text"),
     ("empty.jsonl", "holds no text"),
     ("binary.txt", "Could not read corpus '.*binary.txt'.*utf-8"),

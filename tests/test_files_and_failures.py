@@ -26,8 +26,11 @@ TEXTS = ["The cat sat on the mat and looked at the door.", "A short second docum
 
 
 # `ppl_cli.py` with chunks and parts of 8 documents (not 512 and 256): its first part is on disk long
-# before the end, however fast the CPU, so a test can act on a run that is still scoring
-SMALL_PARTS = ("import sys, ppl_cli, ppl_docs, ppl_runner; ppl_runner.TEXTS_PER_CHUNK = 8; "
+# before the end, however fast the CPU, so a test can act on a run that is still scoring. Ctrl-C raises
+# KeyboardInterrupt in it as in a terminal, also where the tests run in the background (a shell's `&`
+# makes its jobs, and their children, ignore SIGINT).
+SMALL_PARTS = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "import ppl_cli, ppl_docs, ppl_runner; ppl_runner.TEXTS_PER_CHUNK = 8; "
                "ppl_docs.PartWriter.__init__.__kwdefaults__['flush_rows'] = 8; sys.exit(ppl_cli.main(sys.argv[1:]))")
 
 
@@ -202,6 +205,11 @@ def test_a_lone_surrogate_is_named_by_document_and_leaves_no_tokens_file(files, 
     assert rows["id"].tolist() == ["doc-0", "doc-1"] and pd.isna(rows["nll"].iloc[1])
     result = json.loads((tmp_path / "out.json").read_text())
     assert (result["num_documents"], result["flagged_rows"], result["skipped_empty"]) == (1, 1, 0)
+    assert all(type(result[k]) is int for k in ("num_tokens", "num_words", "num_bytes"))  # not 12.0 from the folder
+    # a resume that asks to fail on bad rows does not pool past the one flagged before
+    assert ppl_cli.main([*args, "--docs-out", str(tmp_path / "docs"), "--resume", "--bad-rows", "fail"]) == 2
+    one_error_line(capsys.readouterr().err, r"^error: 1 row\(s\) of the --docs-out folder were flagged by an earlier run "
+                                            r"\(not valid Unicode\); with --bad-rows fail the run has no result")
 
 
 def test_tokens_out_is_renamed_into_place_only_when_complete(files, capsys, tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ from ppl_docs import MANIFEST, read_rows
 N = 320  # documents: 40 parts of 8
 PER_PART = 8
 SLOW = """
-import io, os, sys, time
+import io, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also under a shell's `&` (SIGINT ignored)
 import pyarrow.parquet as pq
 import ppl_docs, ppl_runner
 

@@ -72,6 +72,16 @@ def test_scorer_flags_bad_rows_and_scores_the_rest_as_the_runner(tiny, tiny_dir)
     assert_rows_equal(good, one_process_rows(*tiny, [texts[0], texts[1], texts[2]], add_start_token=False), rel=1e-5)
 
 
+def test_scorer_flags_a_list_cell_as_one_process_does(tiny_dir):
+    import numpy as np
+
+    batch = pd.DataFrame({"text": ["A good text to score.", ["a", "b"], np.array(["a", "b"], dtype=object), np.array([])]})
+    out = DocumentScorer(str(tiny_dir))(batch)  # Ray hands list cells over as numpy arrays
+    assert out["error"].isna().tolist() == [True, False, False, False]
+    assert out["error"].tolist()[1:] == ["expected a string, but got list", "expected a string, but got ndarray",
+                                         "expected a string, but got ndarray"]
+
+
 def test_scorer_errors_name_the_argument(tiny_dir):
     with pytest.raises(TypeError, match="`text_column`"):
         DocumentScorer(str(tiny_dir), text_column=3)
