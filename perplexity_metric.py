@@ -25,7 +25,7 @@ from .ppl_torchmetrics import Perplexity
 from .ppl_compare import pool_comparison
 from .ppl_head import fused_head
 from .ppl_runner import score_texts
-from .ppl_inputs import problem
+from .ppl_inputs import check_text
 from .ppl_sources import load_model
 from .ppl_card import update_model_card
 from .ppl_dist import score_corpus_distributed
@@ -40,7 +40,7 @@ if __package__:  # loaded by evaluate.load, from its module cache
     from .ppl_dist import distributed_session, score_corpus_distributed
     from .ppl_docs import pool_scores
     from .ppl_ray import DocumentScorer  # a plain class: Ray is imported only by ppl_ray.run_cli
-    from .ppl_inputs import problem
+    from .ppl_inputs import check_text
     from .ppl_runner import evaluate_texts, score_texts
     from .ppl_sources import load_model
     from .ppl_torchmetrics import Perplexity
@@ -51,7 +51,7 @@ else:  # imported plainly: tests, app.py, the command line
     from ppl_dist import distributed_session, score_corpus_distributed
     from ppl_docs import pool_scores
     from ppl_ray import DocumentScorer  # a plain class: Ray is imported only by ppl_ray.run_cli
-    from ppl_inputs import problem
+    from ppl_inputs import check_text
     from ppl_runner import evaluate_texts, score_texts
     from ppl_sources import load_model
     from ppl_torchmetrics import Perplexity
@@ -255,9 +255,7 @@ def _check_text_inputs(predictions, references):
         raise TypeError("Expected `predictions` to be a list of texts, but got a single string; wrap it in a list.")
     if isinstance(predictions, (list, tuple)):  # the one rule, before evaluate's Arrow cache (no lone surrogates there)
         for i, text in enumerate(predictions):
-            found = problem(text)
-            if found is not None:
-                raise found.error(f"`predictions[{i}]`")  # the argument the user passed
+            check_text(text, f"`predictions[{i}]`")  # the argument the user passed
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

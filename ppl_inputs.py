@@ -49,10 +49,9 @@ def problem(text, *, tokenizer=None):
     if not text.strip():
         found = "it is empty" if not text else f"it holds only whitespace: {text[:20]!r}"
         return Problem(EMPTY, "to have at least one token to score", found)
-    surrogate = lone_surrogate(text)
-    if surrogate is not None:
-        where = f"a lone surrogate (U+{ord(text[surrogate]):04X}) at character {surrogate}"
-        return Problem(f"not valid Unicode: {where}", "to be valid Unicode text", f"it holds {where}")
+    found = _surrogate(text)
+    if found is not None:
+        return found
     if tokenizer is not None:
         num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if num_tokens < 2:
@@ -62,21 +61,29 @@ def problem(text, *, tokenizer=None):
     return None
 
 
-def lone_surrogate(text):
-    """The position of the first lone surrogate in `text` (as `json.loads` gives for "\\ud800"), or None."""
+def _surrogate(text):
+    """The Problem of the first lone surrogate in `text` (as `json.loads` gives for "\\ud800"), or None."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        return err.start
+        where = f"a lone surrogate (U+{ord(text[err.start]):04X}) at character {err.start}"
+        return Problem(f"not valid Unicode: {where}", "to be valid Unicode text", f"it holds {where}")
     return None
 
 
 def check_unicode(text, label):
     """Refuse a lone surrogate in a string that is about to be tokenized, naming it by `label`."""
-    position = lone_surrogate(text) if isinstance(text, str) else None
-    if position is not None:
-        raise ValueError(f"Expected {label} to be valid Unicode text, but it holds a lone surrogate "
-                         f"(U+{ord(text[position]):04X}) at character {position}.")
+    found = _surrogate(text) if isinstance(text, str) else None
+    if found is not None:
+        raise found.error(label)
+
+
+def check_text(text, label):
+    """Refuse an explicit text that is empty or bad (`problem`), naming it by `label`: explicit
+    texts fail fast, where a corpus route would skip or flag them."""
+    found = problem(text)
+    if found is not None:
+        raise found.error(label)
 
 
 def check_texts(texts, name="texts"):
@@ -88,9 +95,7 @@ def check_texts(texts, name="texts"):
     if not texts:
         raise ValueError(f"Expected at least one text in `{name}`, but got none.")
     for i, text in enumerate(texts):
-        found = problem(text)
-        if found:
-            raise found.error(f"`{name}[{i}]`")
+        check_text(text, f"`{name}[{i}]`")
     return texts
 
 

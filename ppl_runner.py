@@ -22,13 +22,13 @@ if __package__:
                               pool_comparison, token_stats, tokenizer_fingerprint)
     from .ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
     from .ppl_head import bytes_per_token, fused_head, memory_budget, scored_logits
-    from .ppl_inputs import check_bad_rows, check_texts, check_unicode, problem
+    from .ppl_inputs import check_bad_rows, check_text, check_texts, check_unicode, problem
 else:
     from ppl_compare import (SAMPLES, TOP_K, ModelReference, Recorder, ReferenceWriter, SavedReference, logits_width,
                              pool_comparison, token_stats, tokenizer_fingerprint)
     from ppl_core import check_int, summarize, target_nll, text_units, unit_metrics
     from ppl_head import bytes_per_token, fused_head, memory_budget, scored_logits
-    from ppl_inputs import check_bad_rows, check_texts, check_unicode, problem
+    from ppl_inputs import check_bad_rows, check_text, check_texts, check_unicode, problem
 
 TEXTS_PER_CHUNK = 512  # texts tokenized and scored together; bounds memory on huge corpora
 # A chunk also ends past this many characters (~16k tokens: well under a minute on a CPU), so
@@ -599,9 +599,8 @@ def text_rows(model, tokenizer, texts, **runner_kwargs):
     """`score_documents`'s rows for a list of texts, in order. Explicit texts fail fast on an
     empty or bad one, naming `texts[i]` (a corpus route would skip or flag it)."""
     for i, text in enumerate(texts):
-        found = None if isinstance(text, (Pair, Chat)) else problem(text)
-        if found is not None:
-            raise found.error(f"`texts[{i}]`")
+        if not isinstance(text, (Pair, Chat)):  # those were checked when they were built
+            check_text(text, f"`texts[{i}]`")
     documents = ((i, None, text) for i, text in enumerate(texts))
     return [row for part in score_documents(model, tokenizer, documents, **runner_kwargs) for row in part]
 
